@@ -1,0 +1,20 @@
+"""Thermal: one-channel infrared image [1, H, W] -> ViT (ImageBind's thermal encoder is a ViT-B)."""
+
+from . import ModalitySpec, register_modality
+from .depth import build_image_stem
+
+register_modality(
+    ModalitySpec(
+        name="thermal",
+        temperature=0.1,
+        sizes={
+            "imagebind": dict(width=768, depth=12, heads=12, patch=16),
+            "base": dict(width=768, depth=12, heads=12, patch=16),
+            "tiny": dict(width=128, depth=3, heads=4, mlp_ratio=2.0, patch=4),
+        },
+        build_stem=build_image_stem,
+        sample_ndim=3,
+        preprocess=dict(image_size=224, in_chans=1),
+        description="one-channel infrared intensity",
+    )
+)

@@ -1,0 +1,166 @@
+"""A modality encoder: stem -> transformer trunk -> head -> postprocessor.
+
+Every new modality (audio, depth, thermal, imu, your own) is this one module with a different
+stem and size; the modality registry (``imagebind_lite.modalities``) says which.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transformer import Trunk
+
+
+@dataclass
+class EncoderShape:
+    """Everything needed to build the trunk and head; the stem is built by the modality."""
+
+    width: int
+    depth: int
+    heads: int
+    embed_dim: int
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    add_bias_kv: bool = True
+    head_dropout: float = 0.0
+    grad_checkpointing: bool = False
+
+
+class PatchStem(nn.Module):
+    """Conv2d patchifier (bias-free, as ImageBind's RGBT/depth stems) followed by LayerNorm."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        width: int,
+        input_size: tuple[int, int],
+        kernel: int | tuple[int, int],
+        stride: int | tuple[int, int],
+    ):
+        super().__init__()
+        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        self.input_size = tuple(input_size)
+        self.in_chans = in_chans
+        self.grid = tuple((s - k) // st + 1 for s, k, st in zip(self.input_size, kernel, stride))
+        if min(self.grid) < 1:
+            raise ValueError(f"input {self.input_size} is smaller than the patch kernel {kernel}")
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.proj = nn.Conv2d(in_chans, width, kernel_size=kernel, stride=stride, bias=False)
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (self.in_chans, *self.input_size):
+            raise ValueError(
+                f"expected input of shape [B, {self.in_chans}, {self.input_size[0]}, "
+                f"{self.input_size[1]}], got {list(x.shape)}"
+            )
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class LinearWindowStem(nn.Module):
+    """Cuts a [B, C, T] signal into non-overlapping windows of ``kernel`` steps and projects each
+    window of C*kernel values to the width (ImageBind's IMU stem)."""
+
+    def __init__(self, in_chans: int, width: int, length: int, kernel: int):
+        super().__init__()
+        if length % kernel:
+            raise ValueError(f"length {length} is not a multiple of the window {kernel}")
+        self.in_chans, self.length, self.kernel = in_chans, length, kernel
+        self.num_tokens = length // kernel
+        self.proj = nn.Linear(in_chans * kernel, width, bias=False)
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (self.in_chans, self.length):
+            raise ValueError(
+                f"expected input of shape [B, {self.in_chans}, {self.length}], got {list(x.shape)}"
+            )
+        windows = x.unfold(-1, self.kernel, self.kernel)  # B, C, N, K
+        windows = windows.permute(0, 2, 1, 3).flatten(2)  # B, N, C*K
+        return self.norm(self.proj(windows))
+
+
+class ModalityEncoder(nn.Module):
+    """Encodes one modality into the anchor's space.
+
+    ``forward`` takes ``[B, *sample_shape]`` or, for several clips/views per item,
+    ``[B, clips, *sample_shape]``; clip embeddings are averaged after normalising.
+
+    ``imagebind_scaling=False`` (default) returns unit vectors. ``True`` reproduces ImageBind's
+    forward: each clip is normalised and multiplied by the modality's fixed logit scale
+    (``1 / temperature``), and the clips are averaged without renormalising.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        shape: EncoderShape,
+        temperature: float,
+        sample_ndim: int,
+        imagebind_scaling: bool = False,
+    ):
+        super().__init__()
+        width = shape.width
+        self.stem = stem
+        self.sample_ndim = sample_ndim
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) / math.sqrt(width))
+        self.pos_embed = nn.Parameter(torch.randn(1, stem.num_tokens + 1, width) / math.sqrt(width))
+        self.trunk = Trunk(
+            width,
+            shape.depth,
+            shape.heads,
+            shape.mlp_ratio,
+            shape.drop_path,
+            shape.add_bias_kv,
+            shape.grad_checkpointing,
+        )
+        self.head_norm = nn.LayerNorm(width, eps=1e-6)
+        self.head_dropout = nn.Dropout(shape.head_dropout)
+        self.head = nn.Linear(width, shape.embed_dim, bias=False)
+        # A saved buffer, not a parameter: the scale is fixed, as in ImageBind.
+        self.register_buffer("log_logit_scale", torch.tensor(math.log(1.0 / temperature)))
+        self.imagebind_scaling = imagebind_scaling
+        self.apply(_init_linear)
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.log_logit_scale))
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
+        tokens = self.trunk(tokens)
+        return self.head(self.head_dropout(self.head_norm(tokens[:, 0])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        clips = None
+        if x.dim() == self.sample_ndim + 2:
+            clips = x.shape[1]
+            x = x.flatten(0, 1)
+        elif x.dim() != self.sample_ndim + 1:
+            raise ValueError(
+                f"expected a batch of {self.sample_ndim}-d samples ([B, ...] or [B, clips, ...]), "
+                f"got a tensor of shape {list(x.shape)}"
+            )
+        emb = F.normalize(self.encode_tokens(x), dim=-1)
+        if self.imagebind_scaling:
+            emb = emb * self.log_logit_scale.exp()
+        if clips is not None:
+            emb = emb.unflatten(0, (-1, clips)).mean(dim=1)
+            if not self.imagebind_scaling:
+                emb = F.normalize(emb, dim=-1)
+        return emb
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="imagebind_lite",
+    version="0.1.0",
+    description="Bind new sensor modalities (audio, depth, thermal, ...) to a frozen CLIP anchor.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["imagebind_lite", "imagebind_lite.*"]),
+    include_package_data=True,
+    package_data={"imagebind_lite": ["assets/**/*", "configs/*.json"]},
+    install_requires=[
+        # Upper bound: never let a resolver pull a newer (multi-GB CUDA) torch.
+        "torch>=2.1,<=2.14.1",
+        "torchvision",
+        "torchaudio",
+        "timm>=1.0",
+        "einops",
+        "accelerate>=0.30",
+        "soundfile",
+        "open_clip_torch>=2.24",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff", "matplotlib"],
+    },
+)
