@@ -1,0 +1,78 @@
+"""Configs: YAML + dataclasses + command-line overrides; bad configs fail with one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from imagebind_lite.config import ConfigError, TrainConfig, load_config
+from imagebind_lite.train import validate_config
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("modality: depth\noptim:\n  lr: 0.01\ndata:\n  preprocess: {image_size: 32}\n")
+    cfg = load_config(
+        path, ["optim.epochs=3", "data.preprocess={in_chans: 1}", "encoder.temperature=0.5"]
+    )
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.modality == "depth" and cfg.optim.lr == 0.01 and cfg.optim.epochs == 3
+    assert cfg.data.preprocess == {"image_size": 32, "in_chans": 1}  # dict fields merge
+    assert cfg.encoder.temperature == 0.5
+    assert cfg.optim.betas == (0.9, 0.95)  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown config field optim.'lrr'"),
+        ("optim.epochs=ten", "optim.epochs: expected an integer"),
+        ("tracker=[1]", "tracker: expected a string"),
+        ("optim.lr", "not of the form"),
+        ("bogus=1", "unknown config field 'bogus'"),
+    ],
+)
+def test_bad_fields_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("anchor.model=ViT-Nope-99", "open_clip does not know 'ViT-Nope-99'"),
+        ("anchor.pretrained=/no/such/anchor.safetensors", "checkpoint file not found"),
+        ("anchor.pretrained=not_a_tag", "neither a file nor an open_clip tag"),
+        ("modality=smell", "unknown modality 'smell'"),
+        ("encoder.size=huge", "has no size 'huge'"),
+        ("data.dataset=nope", "unknown dataset 'nope'"),
+        ("data.root=/no/such/folder", "data.root: folder not found"),
+        ("modality_file=/no/such/modality.py", "modality file not found"),
+    ],
+)
+def test_semantic_errors_before_data(override, message):
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(cfg)
+
+
+def test_script_prints_one_clear_line_and_reads_no_data(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train/align_audio.py"),
+            "optim.lrr=1",
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "config error: unknown config field optim.'lrr'; known: betas, epochs, grad_accum, "
+        "grad_clip, lr, max_steps, warmup_epochs, weight_decay"
+    )
+    assert not any(tmp_path.iterdir())  # no run folder, nothing read or written
