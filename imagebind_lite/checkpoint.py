@@ -1,0 +1,122 @@
+"""Portable models and atomic checkpoints.
+
+A trained model is one folder: ``config.json`` (modality, size, preprocessing, temperature,
+the anchor reference) and ``model.safetensors``; ``load_model`` rebuilds it with no pickle.
+Every write goes to a temporary sibling first and is renamed into place, so a crash mid-write
+never leaves a corrupt folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .modalities import build_encoder, import_modality_file
+
+MODEL_FORMAT = "imagebind_lite.encoder/1"
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary folder next to ``final``; on success it replaces ``final`` atomically."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(encoder: torch.nn.Module, model_config: dict, folder: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors``. ``model_config`` holds ``modality``,
+    ``size``, ``overrides``, ``preprocess``, ``temperature``, ``embed_dim`` and ``anchor``."""
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        config = {"format": MODEL_FORMAT, **model_config}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(folder)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild a saved encoder from its folder. Returns ``(encoder, config_dict)``."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"not a saved imagebind_lite model: {path} is missing")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{config_path}: unknown model format {config.get('format')!r}")
+    if config.get("modality_file"):
+        import_modality_file(config["modality_file"])
+    encoder = build_encoder(
+        config["modality"],
+        embed_dim=config["embed_dim"],
+        size=config["size"],
+        overrides=config.get("overrides"),
+        preprocess=config.get("preprocess"),
+        temperature=config.get("temperature"),
+    )
+    missing, unexpected = encoder.load_state_dict(load_file(str(weights_path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_path}: weights do not fit the config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    return encoder.to(device).eval(), config
+
+
+def load_torch_state(path: str | Path) -> dict:
+    """A ``.pth``/``.pt`` from elsewhere loads only as plain tensors (``weights_only=True``)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"{path}: refused to load (only tensors are allowed, weights_only=True): {err}"
+        ) from None
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu"):
+    """A run folder (``runs/NAME``) or a model folder -> ``(encoder, anchor, config_dict)``.
+
+    The anchor is rebuilt from the reference saved with the model and checked against its
+    recorded checksum, so an encoder is never evaluated against a different anchor silently.
+    """
+    from .anchor import Anchor
+    from .config import AnchorConfig
+
+    path = Path(path)
+    folder = path / "model" if (path / "model" / "config.json").is_file() else path
+    encoder, config = load_model(folder, device)
+    anchor_ref = config["anchor"]
+    anchor = Anchor(AnchorConfig(**anchor_ref["config"]), device=device)
+    recorded, actual = anchor_ref.get("sha256"), anchor.identity().get("sha256")
+    if recorded and actual and recorded != actual:
+        raise ValueError(
+            f"{folder}: the anchor checkpoint {anchor.pretrained} has changed since training "
+            f"(sha256 {actual} != recorded {recorded})"
+        )
+    return encoder, anchor, config

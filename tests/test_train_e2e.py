@@ -1,0 +1,126 @@
+"""End to end: a tiny run, two real ranks through accelerate launch, and kill -9 + --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
+
+from imagebind_lite.anchor import Anchor
+from imagebind_lite.checkpoint import load_run
+from imagebind_lite.config import AnchorConfig, load_config
+from imagebind_lite.modalities import build_encoder
+from imagebind_lite.train import AlignmentModule, latest_checkpoint, param_groups, train, train_step
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def depth_overrides(tmp_path, *extra):
+    return tiny_overrides(
+        tmp_path,
+        "data.preprocess={image_size: 32}",
+        "data.options={train_size: 256, test_size: 96}",
+        "checkpoint_every=2",
+        *extra,
+    )
+
+
+def test_tiny_audio_run_writes_the_run_folder(tmp_path):
+    cfg = load_config(REPO / "configs/audio.yaml", tiny_overrides(tmp_path, "optim.max_steps=3"))
+    metrics = train(cfg, quiet=True)
+    run = tmp_path / "audio-avmnist"
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("zero_shot_top1", "zero_shot_top5", "train_seconds", "samples_per_second"):
+        assert key in saved
+    assert 0.0 <= saved["zero_shot_top1"] <= saved["zero_shot_top5"] <= 1.0
+    assert saved["steps"] == 3 and saved["num_eval"] == 1000  # speakers george + theo held out
+    assert saved["data_train_clips"] + saved["data_test_clips"] == 3000
+    assert (run / "config.yaml").is_file() and latest_checkpoint(run).name == "step_00000003"
+    assert metrics["run_dir"] == str(run)
+    # The saved model folder rebuilds without pickle and gives the same embeddings.
+    encoder, anchor, config = load_run(run)
+    assert config["modality"] == "audio" and anchor.embed_dim == 64
+    assert set(load_file(str(run / "model/model.safetensors"))) == set(encoder.state_dict())
+    # A second run with the same name never overwrites the first.
+    train(cfg, quiet=True)
+    assert (tmp_path / "audio-avmnist-1" / "metrics.json").is_file()
+
+
+def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
+    accelerator = Accelerator(cpu=True)
+    anchor = Anchor(AnchorConfig(pretrained=None))
+    anchor_before = {k: v.clone() for k, v in anchor.state_dict().items()}
+    encoder = build_encoder(
+        "depth", anchor.embed_dim, "tiny", {"depth": 1, "width": 32, "heads": 2}, {"image_size": 32}
+    )
+    encoder_before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    model = AlignmentModule(encoder)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {"vision": torch.randn(8, 3, 32, 32), "depth": torch.randn(8, 1, 32, 32)}
+    loss = train_step(model, anchor, batch, "depth", 0.2, 1, accelerator, optimizer, 1.0)
+    assert loss > 0
+    assert all(torch.equal(anchor_before[k], v) for k, v in anchor.state_dict().items())
+    assert all(p.grad is None for p in anchor.parameters())
+    changed = [k for k, v in encoder.state_dict().items() if not torch.equal(encoder_before[k], v)]
+    assert "head.weight" in changed and "stem.proj.weight" in changed
+    # The optimizer holds exactly the encoder's parameters, none of the anchor's.
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in encoder.parameters()}
+
+
+def _launch(args, tmp_path, **kw):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_two_ranks_train_as_one_global_batch(tmp_path):
+    args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "train/align_depth.py",
+            *depth_overrides(tmp_path, "data.batch_size=16")]
+    proc = _launch(args, tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    metrics = json.loads((tmp_path / "depth-synthetic_scenes/metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["global_batch"] == 32
+    assert metrics["steps"] == 256 // 32  # each rank saw half of every global batch
+
+
+def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
+    common = ["train/align_depth.py"]
+    base = depth_overrides(tmp_path / "a", "optim.epochs=3")
+    reference = subprocess.run([sys.executable, *common, *base], cwd=REPO, env=ENV,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3")
+    proc = subprocess.Popen([sys.executable, *common, *interrupted], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "b" / "depth-synthetic_scenes"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(run) if run.exists() else None
+        if ckpt is not None and int(ckpt.name.split("_")[1]) >= 10:  # mid-epoch 2 of 3
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run([sys.executable, *common, "--resume", *interrupted], cwd=REPO,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout + resumed.stderr
+    a = load_file(str(tmp_path / "a/depth-synthetic_scenes/model/model.safetensors"))
+    b = load_file(str(run / "model/model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
