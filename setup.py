@@ -28,8 +28,10 @@ setup(
         "tensorboard",
         "pillow",
         "numpy",
+        "webdataset",  # tar shards for CLIP-scale data
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "matplotlib"],
+        "video": ["av"],  # train/prepare_videos.py
+        "dev": ["pytest", "ruff", "matplotlib", "av"],
     },
 )

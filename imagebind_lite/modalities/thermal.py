@@ -1,7 +1,8 @@
 """Thermal: one-channel infrared image [1, H, W] -> ViT (ImageBind's thermal encoder is a ViT-B)."""
 
+from ..data import thermal as thermal_data
 from . import ModalitySpec, register_modality
-from .depth import build_image_stem
+from .depth import AUGMENT_DEFAULTS, build_image_stem
 
 register_modality(
     ModalitySpec(
@@ -14,7 +15,10 @@ register_modality(
         },
         build_stem=build_image_stem,
         sample_ndim=3,
-        preprocess=dict(image_size=224, in_chans=1),
+        # mean/std: the training set's statistics (train/compute_stats.py); datasets fill them in.
+        preprocess=dict(image_size=224, in_chans=1, **thermal_data.DEFAULTS, **AUGMENT_DEFAULTS),
+        load=thermal_data.load,
+        augment=thermal_data.augment,
         description="one-channel infrared intensity",
     )
 )

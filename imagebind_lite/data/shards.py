@@ -1,0 +1,367 @@
+"""The record datasets at scale: webdataset tar shards.
+
+Writing (``train/write_shards.py --manifest M --root R --out DIR --shard-size N``, or
+:func:`write_shards`): every record becomes one tar sample, its files stored as raw bytes
+(``000000042.vision.jpg``, ``000000042.depth.png``, ``000000042.intrinsics.txt``, ...) next to
+``000000042.json`` with id, label, captions, split, fold and meta. Keys are running numbers,
+because webdataset splits a member name at its first dot and ids may contain dots. Nothing is
+decoded while writing: files outside the root, missing or empty are left out and counted;
+corrupt content is caught by the bad-input policy when read. ``DIR/shards.json`` lists the
+shards with their sample counts, the file keys, class names and the counts left out; the
+root's ``stats.json`` (depth/thermal normalisation) is copied beside it.
+
+Reading: the registered dataset ``shards`` (``data.dataset=shards``, ``data.root=DIR`` or
+``data.options.shards=DIR``) decodes samples with exactly the code of the manifest datasets
+(``manifest.PairSampler``), so a sample read from shards equals the one read from files.
+``data.options.access``:
+
+``random`` (default)  map-style: a sample index -> (shard, position) through ``shards.json``
+                      and each shard's tar headers (scanned once per worker), then one seek and
+                      read. Works with the training loop's shuffling sampler, gives exact
+                      resumption, and suits local disks and parallel file systems.
+``stream``            webdataset's ``ResampledShards``: every rank and DataLoader worker draws
+                      shards independently, with replacement, from a seed made of
+                      (rank, worker, epoch, ``seed``), and streams their samples sequentially,
+                      which is what object stores and network disks serve well. An epoch is
+                      ``data.options.epoch_size`` samples (default: the shard total), mixed in a
+                      ``shuffle_buffer`` of 1000 samples (0: off); the loop's
+                      sample indices only feed per-sample augmentation, so a resumed run draws
+                      other (equally random) samples than the interrupted one would have.
+
+Evaluation: ``data.options.eval_shards=DIR2`` (random access) or ``eval_manifest`` (files under
+``data.options.eval_root``). DataLoader workers (``data.num_workers``) decode in parallel; the
+loop pins memory on GPUs and keeps workers persistent, so each worker's open shard files and
+header scans survive across epochs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import shutil
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+# Module imports: datasets.py imports this module while registering datasets.
+from . import bad_input as bi
+from . import manifest as mf
+from .adapters import Record
+from .datasets import BadSample, DatasetBundle, EpochRandom, register_dataset
+from .transforms import STATS_FILE
+
+INDEX_FILE = "shards.json"
+META_KEY = "json"
+MAX_TAR_ERRORS = 100
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError:
+        raise ImportError("tar shards need webdataset: pip install webdataset") from None
+    return webdataset
+
+
+def write_shards(
+    records: Iterable[Record],
+    root: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    keys: Iterable[str] | None = None,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
+    source: str | None = None,
+    prefix: str = "shard",
+) -> dict:
+    """Write records (files under ``root``) as tar shards into ``out``; returns the index."""
+    wds = _webdataset()
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    root, out = Path(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(keys) if keys is not None else None
+    skipped: Counter = Counter()
+    counts: list[int] = []
+    stored_keys: set[str] = set()
+    n = 0
+    pattern = str(out / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=int(shard_size), verbose=0) as writer:
+        for record in records:
+            sample = {"__key__": f"{n:09d}"}
+            try:
+                for key, path in record.paths.items():
+                    if wanted is not None and key not in wanted:
+                        continue
+                    resolved = bi.resolve_inside(root, path)
+                    ext = resolved.suffix.lower() or ".bin"
+                    sample[f"{key}{ext}"] = bi.read_bytes(resolved)
+            except BadSample as err:
+                skipped[err.reason] += 1
+                continue
+            meta = {"id": record.id, "label": record.label, "captions": record.captions,
+                    "split": record.split, "fold": record.fold, "meta": record.meta}
+            sample[META_KEY] = json.dumps(meta, default=str).encode()
+            writer.write(sample)
+            stored_keys.update(k.split(".", 1)[0] for k in sample if k not in ("__key__", META_KEY))
+            shard = writer.shard - 1  # ShardWriter counts up after opening a shard
+            while len(counts) <= shard:
+                counts.append(0)
+            counts[shard] += 1
+            n += 1
+    index = {
+        "version": 1,
+        "shards": [Path(pattern % i).name for i in range(len(counts))],
+        "counts": counts,
+        "num_samples": n,
+        "keys": sorted(stored_keys),
+        "classnames": classnames,
+        "templates": templates,
+        "skipped": dict(skipped),
+        "source": source,
+    }
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    stats = root / STATS_FILE
+    if stats.is_file() and stats.resolve() != (out / STATS_FILE).resolve():
+        shutil.copyfile(stats, out / STATS_FILE)
+    return index
+
+
+def read_index(directory: str | Path) -> dict:
+    path = Path(directory) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard index {path}; write shards with train/write_shards.py")
+    index = json.loads(path.read_text())
+    missing = [s for s in index["shards"] if not (Path(directory) / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: {len(missing)} shards listed in {INDEX_FILE} are "
+                                f"missing, e.g. {missing[0]}")
+    return index
+
+
+def scan_tar(path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Samples of a tar in order: {field: (data offset, size)}, grouped by key like webdataset."""
+    samples: list[dict[str, tuple[int, int]]] = []
+    last_key = None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            if "." not in base:
+                continue
+            key, field = base.split(".", 1)
+            key = os.path.join(os.path.dirname(member.name), key)
+            if key != last_key:
+                samples.append({})
+                last_key = key
+            samples[-1][field] = (member.offset_data, member.size)
+    return samples
+
+
+def fields_to_sample(fields: dict[str, bytes], where: str):
+    """Tar fields of one sample -> (Record with blobs instead of paths, blobs by key)."""
+    if META_KEY not in fields:
+        raise BadSample("unreadable", f"{where}: shard sample without {META_KEY}")
+    try:
+        meta = json.loads(fields[META_KEY])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadSample("unreadable", f"{where}: bad {META_KEY} ({err})") from None
+    blobs = {}
+    for field, data in fields.items():
+        if field == META_KEY or field.startswith("__"):
+            continue
+        key = field.split(".", 1)[0]
+        blobs[key] = bi.Blob(f"{where}.{field}", bytes(data))
+    record = Record(str(meta["id"]), {}, meta.get("label"), meta.get("captions") or [],
+                    meta.get("split"), meta.get("fold"), meta.get("meta") or {})
+    return record, blobs
+
+
+def _decode(sampler, record: Record, blobs: dict, train: bool, generator,
+            vision: bool = True) -> dict:
+    sources = {}
+    for key in sampler.needs(vision or train):
+        if key not in blobs:
+            raise BadSample("missing", f"sample {record.id}: no {key} file in the shard")
+        sources[key] = blobs[key]
+    for key in mf.EXTRA_PATHS:
+        if key in blobs:
+            sources[key] = blobs[key]
+    sample = sampler(sources, record.meta, train, generator)
+    sample["label"] = record.label if isinstance(record.label, int) else -1
+    sample["id"] = record.id
+    return sample
+
+
+class ShardDataset(EpochRandom, Dataset):
+    """Random access into tar shards (map-style)."""
+
+    def __init__(self, directory: str | Path, sampler, train: bool, seed: int = 0):
+        self.directory = Path(directory)
+        self.index = read_index(self.directory)
+        self.starts = [0]
+        for count in self.index["counts"]:
+            self.starts.append(self.starts[-1] + count)
+        self.sampler, self.train, self.seed = sampler, train, seed
+        self.vision = "vision" in self.index["keys"]
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.index["num_samples"]
+
+    def _state(self):
+        # Open files and header scans belong to one process: a forked worker starts afresh.
+        if self._pid != os.getpid():
+            self._pid, self._members, self._files = os.getpid(), {}, {}
+        return self._members, self._files
+
+    def _fields(self, shard: int, position: int) -> dict[str, bytes]:
+        members, files = self._state()
+        name = self.index["shards"][shard]
+        if shard not in members:
+            members[shard] = scan_tar(self.directory / name)
+            if len(members[shard]) != self.index["counts"][shard]:
+                raise RuntimeError(f"{name}: {len(members[shard])} samples, but {INDEX_FILE} "
+                                   f"says {self.index['counts'][shard]}; rewrite the shards")
+        if shard not in files:
+            if len(files) >= 16:
+                files.pop(next(iter(files))).close()
+            files[shard] = open(self.directory / name, "rb")  # noqa: SIM115 - cached handle
+        handle = files[shard]
+        out = {}
+        for field, (offset, size) in members[shard][position].items():
+            handle.seek(offset)
+            out[field] = handle.read(size)
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        shard = bisect.bisect_right(self.starts, index) - 1
+        position = index - self.starts[shard]
+        where = f"{self.index['shards'][shard]}#{position}"
+        record, blobs = fields_to_sample(self._fields(shard, position), where)
+        generator = self.generator(index) if self.train else None
+        return _decode(self.sampler, record, blobs, self.train, generator, self.vision)
+
+
+class ShardStream(EpochRandom, Dataset):
+    """Resampled shards streamed per rank and worker, behind the map-style interface the loop
+    needs (``len`` and indices): ``__getitem__`` returns the next streamed sample, using the
+    index only for its augmentation generator."""
+
+    def __init__(self, directory: str | Path, sampler, train: bool, seed: int = 0,
+                 epoch_size: int | None = None, shuffle_buffer: int = 1000):
+        self.directory = Path(directory)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.index = read_index(self.directory)
+        self.urls = [str(self.directory / s) for s in self.index["shards"]]
+        self.sampler, self.train, self.seed = sampler, train, seed
+        self.epoch_size = int(epoch_size or self.index["num_samples"])
+        self._stream_key = None
+        self._failures = 0
+
+    def _tar_error(self, exn: Exception) -> bool:
+        """webdataset's handler for unreadable tar data: warn and go on, but not forever."""
+        self._failures += 1
+        if self._failures > MAX_TAR_ERRORS:
+            raise RuntimeError(f"{self.directory}: {MAX_TAR_ERRORS} tar read errors in a row "
+                               f"(last: {exn}); the shards look broken") from exn
+        warnings.warn(f"{self.directory}: skipping unreadable tar data ({exn})", stacklevel=2)
+        return True
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def _stream(self):
+        key = (os.getpid(), self.epoch)
+        if self._stream_key != key:
+            wds = _webdataset()
+            # deterministic=True: the shard draws depend only on (rank, worker) through
+            # webdataset's worker seed, and on the seed given here (run seed and epoch).
+            seed = self.seed * 1_000_003 + self.epoch
+            stages = [wds.ResampledShards(self.urls, seed=seed, deterministic=True),
+                      wds.tarfile_to_samples(handler=self._tar_error)]
+            if self.shuffle_buffer > 1:
+                # Shards hold consecutive records: mix samples of several shards in a buffer.
+                worker = wds.utils.pytorch_worker_seed()
+                stages.append(wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
+                                          seed=seed * 10_007 + worker))
+            pipeline = wds.DataPipeline(*stages)
+            self._iterator, self._stream_key = iter(pipeline), key
+        return self._iterator
+
+    def __getitem__(self, index: int) -> dict:
+        fields = next(self._stream())
+        self._failures = 0
+        where = f"{os.path.basename(fields.get('__url__', 'shard'))}#{fields.get('__key__')}"
+        record, blobs = fields_to_sample(
+            {k: v for k, v in fields.items() if not k.startswith("__")}, where)
+        generator = self.generator(index) if self.train else None
+        return _decode(self.sampler, record, blobs, self.train, generator)
+
+
+@register_dataset("shards")
+def build_shards(cfg, anchor, spec) -> DatasetBundle:
+    opts = cfg.data.options
+    directory = Path(opts.get("shards") or cfg.data.root or "")
+    if not str(directory) or not (directory / INDEX_FILE).is_file():
+        raise ValueError(f"dataset shards: no {INDEX_FILE} in {directory or '(unset)'}; set "
+                         f"data.root or data.options.shards to a folder from write_shards.py")
+    index = read_index(directory)
+    for key in ("vision", spec.name):
+        if key not in index["keys"]:
+            raise ValueError(f"{directory}: the shards hold {index['keys']}, no {key!r} files")
+    access = opts.get("access", "random")
+    if access not in ("random", "stream"):
+        raise ValueError(f"data.options.access: expected random or stream, got {access!r}")
+    info = {"shards": str(directory), "num_shards": len(index["shards"]), "access": access}
+    normalisation = mf.resolve_sensor_stats(cfg, spec, directory,
+                                            index.get("source") or "--manifest MANIFEST")
+    if normalisation:
+        info["normalisation"] = normalisation
+    sampler = mf.PairSampler(spec, {**spec.preprocess, **cfg.data.preprocess}, anchor)
+    classnames = opts.get("classnames") or index.get("classnames")
+    templates = opts.get("templates") or index.get("templates")
+
+    def wrap(dataset, name, remember_bad=True):
+        return bi.BadInputDataset(dataset, cfg.data.bad_input, cfg.seed,
+                                  int(opts.get("max_consecutive_bad", 50)),
+                                  int(opts.get("max_logged_bad", 20)), name,
+                                  remember_bad=remember_bad)
+
+    if access == "stream":
+        stream = ShardStream(directory, sampler, True, cfg.seed, opts.get("epoch_size"),
+                             int(opts.get("shuffle_buffer", 1000)))
+        train = wrap(stream, "train", remember_bad=False)
+    else:
+        train = wrap(ShardDataset(directory, sampler, True, cfg.seed), "train")
+    evaluation = None
+    if opts.get("eval_shards"):
+        evaluation = wrap(ShardDataset(opts["eval_shards"], sampler, False, cfg.seed), "eval")
+    elif opts.get("eval_manifest"):
+        eval_root = Path(opts.get("eval_root") or directory)
+        path = mf._find(eval_root, opts["eval_manifest"])
+        records, names = mf.read_manifest(path, eval_root, classnames)
+        classnames = classnames or names
+        vision = all("vision" in r.paths for r in records)
+        evaluation = wrap(mf.RecordDataset(records, eval_root, sampler, False, cfg.seed, vision),
+                          "eval")
+    if evaluation is not None:
+        info["eval_skipped"] = evaluation.counts
+        info["eval_samples"] = len(evaluation)
+    info["train_samples"] = len(train)
+    return DatasetBundle(
+        train=train,
+        eval=evaluation,
+        classnames=classnames,
+        templates=list(templates or mf.DEFAULT_TEMPLATES) if classnames else templates,
+        info=info,
+    )
+

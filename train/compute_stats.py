@@ -1,0 +1,56 @@
+"""Normalisation statistics of depth or thermal from the training set -> ``ROOT/stats.json``.
+
+    python train/compute_stats.py --modality depth --manifest train.csv --root ROOT
+    python train/compute_stats.py --modality depth --layout sunrgbd --root ROOT
+    python train/compute_stats.py --modality thermal --layout llvip --root ROOT \
+        --option crops=none --set scaling=per_image
+
+``--set KEY=VALUE`` gives preprocessing options exactly as ``data.preprocess`` will (depth:
+layout, max_depth, representation, baseline, fx; thermal: scaling, rgb_policy): the statistics
+record them, and a dataset refuses statistics computed under other options. Rows of the split
+``--split`` (default ``train``) are used when the manifest has a split column. The result is
+merged into the JSON under the modality's name, so depth and thermal can share one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from imagebind_lite.data.manifest import compute_sensor_stats, load_records, parse_key_values
+from imagebind_lite.data.transforms import STATS_FILE, write_stats
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modality", required=True, choices=["depth", "thermal"])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="CSV or JSONL manifest (relative to --root or cwd)")
+    source.add_argument("--layout", help="a standard layout: sunrgbd, nyud, llvip")
+    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("--split", default="train", help="split to measure (default: train)")
+    parser.add_argument("--out", help=f"output JSON (default: ROOT/{STATS_FILE})")
+    parser.add_argument("--max-files", type=int, help="measure a seeded random subset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="preprocessing option, as in data.preprocess")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="layout option (read_layout), e.g. crops=none")
+    args = parser.parse_args(argv)
+
+    records, _, where = load_records(args.root, args.manifest, args.layout, args.split,
+                                     parse_key_values(args.option))
+    entry = compute_sensor_stats(args.modality, records, args.root, parse_key_values(args.set),
+                                 args.max_files, args.seed)
+    entry["source"] = f"{where} --split {args.split}"
+    out = write_stats(Path(args.out) if args.out else Path(args.root) / STATS_FILE,
+                      args.modality, entry)
+    print(json.dumps({"stats": str(out), **{k: entry[k] for k in
+                                            ("mean", "std", "files", "pixels", "skipped")}}))
+    return entry
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,47 @@
+"""Write a manifest's (or a layout's) pairs as webdataset tar shards.
+
+    python train/write_shards.py --manifest train.csv --root ROOT --out SHARDS --shard-size 1000
+    python train/write_shards.py --layout sunrgbd --root ROOT --out SHARDS --split train
+
+Each sample stores its files' raw bytes and a JSON with id, label, captions, split, fold and
+meta; ``SHARDS/shards.json`` indexes the shards (and ``ROOT/stats.json`` is copied beside them).
+Train with ``data.dataset=shards data.root=SHARDS`` (see ``imagebind_lite/data/shards.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from imagebind_lite.data.manifest import load_records, parse_key_values
+from imagebind_lite.data.shards import write_shards
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="CSV or JSONL manifest (relative to --root or cwd)")
+    source.add_argument("--layout", help="a standard layout (see imagebind_lite.data.adapters)")
+    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--split", help="keep one split (rows' split column, or the layout's)")
+    parser.add_argument("--keys", help="comma-separated files to store (default: all)")
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="layout option (read_layout)")
+    args = parser.parse_args(argv)
+
+    records, classnames, where = load_records(args.root, args.manifest, args.layout, args.split,
+                                              parse_key_values(args.option))
+    index = write_shards(records, args.root, args.out, args.shard_size,
+                         args.keys.split(",") if args.keys else None, classnames,
+                         source=where, prefix=args.prefix)
+    print(json.dumps({k: index[k] for k in ("num_samples", "keys", "skipped")}
+                     | {"shards": len(index["shards"]), "out": args.out}))
+    return index
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["num_samples"] else 1)
