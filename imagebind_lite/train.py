@@ -181,9 +181,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, quiet: bool = Fals
         from .cache import attach_anchor_cache
 
         # Batches then carry "anchor_embedding" (no "vision"): no images, no anchor forward.
-        bundle.train = attach_anchor_cache(
-            bundle.train, cfg.anchor.cache, anchor, cfg.data.dataset
-        )
+        bundle.train = attach_anchor_cache(bundle.train, cfg.anchor.cache, anchor, cfg.data.dataset)
     temperature = cfg.encoder.temperature or spec.temperature
     encoder = build_encoder(
         cfg.modality,
@@ -207,7 +205,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, quiet: bool = Fals
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.data.num_workers > 0,
+        # Workers are re-forked each epoch so they see the dataset's set_epoch (per-sample
+        # randomness is seeded by epoch); persistent workers would keep epoch 0 forever.
+        persistent_workers=False,
     )
     if len(loader) // accelerator.num_processes == 0:
         raise ConfigError(

@@ -1,0 +1,104 @@
+"""Cross-modal retrieval between any two modalities: R@1/5/10 and median rank.
+
+python eval/retrieval.py --checkpoint runs/audio-avmnist                # the run's test split
+python eval/retrieval.py --checkpoint RUN --dataset clotho --root CLOTHO  # text<->audio
+python eval/retrieval.py --checkpoint DEPTH_RUN --checkpoint THERMAL_RUN  # emergent depth<->thermal
+python eval/retrieval.py --checkpoint AUDIO_RUN --checkpoint DEPTH_RUN --manifest pairs.csv
+
+Rows pair by id (paired data; several captions per clip count as one item's positives) or,
+where the two sides share no ids, by class. With several runs, their data join on sample ids:
+two runs' encoders on paired data give the emergent pairs (audio<->depth, depth<->thermal) that
+no encoder was trained on. Directions default to every pair the data allow.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from imagebind_lite.data.adapters import read_layout
+from imagebind_lite.evaluation.protocols import (
+    cross_modal_retrieval,
+    format_retrieval,
+    layout_for,
+    parse_options,
+    record_collections,
+    run_collections,
+)
+from imagebind_lite.evaluation.report import write_json
+from imagebind_lite.evaluation.space import Space
+
+
+def parse_directions(text):
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        a, sep, b = part.strip().partition(":")
+        if not sep:
+            a, sep, b = part.strip().partition("->")
+        if not sep or not a or not b:
+            raise ValueError(f"direction {part!r} is not QUERY:GALLERY (e.g. audio:vision)")
+        out.append((a.strip(), b.strip()))
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="a run folder; repeat for several modalities")
+    parser.add_argument("--dataset", help="a protocol (clotho, audiocaps, sund, ...) or layout "
+                                          "(sunrgbd, nyud, llvip, audioset, ...)")
+    parser.add_argument("--root", help="dataset folder (for --dataset / --manifest)")
+    parser.add_argument("--manifest", help="a CSV/JSONL manifest of paired files")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="layout option (repeatable)")
+    parser.add_argument("--directions", help="e.g. audio:vision,vision:audio,text:audio")
+    parser.add_argument("--ks", default="1,5,10")
+    parser.add_argument("--embeddings-cache", metavar="PREFIX",
+                        help="reuse/save embeddings as PREFIX.<modality>.safetensors")
+    parser.add_argument("--out", help="JSON output (default FIRST_RUN/eval/retrieval_NAME.json)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    progress = not args.no_progress
+    ks = [int(k) for k in args.ks.split(",")]
+    try:
+        space = Space.from_runs(args.checkpoint, args.device)
+        if args.dataset or args.manifest:
+            if args.manifest:
+                from imagebind_lite.data.manifest import read_manifest
+
+                root = Path(args.root) if args.root else Path(args.manifest).parent
+                records, _ = read_manifest(args.manifest, root)
+                name = Path(args.manifest).stem
+            else:
+                if not args.root:
+                    parser.error("--dataset needs --root DIR")
+                layout, options = layout_for(args.dataset)
+                root = Path(args.root)
+                records, _ = read_layout(layout, root, **{**options, **parse_options(args.option)})
+                name = args.dataset
+            collections = record_collections(space, records, root, None, args.batch_size,
+                                             args.num_workers, progress, args.embeddings_cache)
+        else:
+            collections, name = {}, "run"
+            for run in args.checkpoint:
+                colls, _ = run_collections(space, run, None, args.batch_size, progress,
+                                           args.num_workers)
+                for modality, coll in colls.items():
+                    collections.setdefault(modality, coll)
+        results = cross_modal_retrieval(collections, parse_directions(args.directions), ks,
+                                        progress)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(format_retrieval(results, ks))
+    out = Path(args.out or Path(args.checkpoint[0]) / "eval" / f"retrieval_{name}.json")
+    write_json(out, {"checkpoints": args.checkpoint, "dataset": name, "retrieval": results})
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
