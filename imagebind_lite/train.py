@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .anchor import Anchor, validate_anchor_config
+from .cache import cached_class_text_embeddings
 from .checkpoint import atomic_dir, save_model
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .data.datasets import DatasetBundle, collate, get_dataset_builder
-from .evaluation.zero_shot import class_text_embeddings, embed_dataset, zero_shot_classification
+from .evaluation.zero_shot import embed_dataset, zero_shot_classification
 from .loss import info_nce
 from .modalities import build_encoder, get_modality, import_modality_file, resolve_size
 
@@ -437,7 +438,7 @@ def evaluate(
     emb, labels = embed_dataset(encoder, bundle.eval, modality, batch_size, device)
     encoder.train(was_training)
     if bundle.classnames:
-        text = class_text_embeddings(anchor.encode_text, bundle.classnames, templates or ["{}"])
+        text = cached_class_text_embeddings(anchor, bundle.classnames, templates or ["{}"])
         result = zero_shot_classification(emb, labels, text.cpu())
         result.pop("predictions")
         result["num_eval"] = len(labels)

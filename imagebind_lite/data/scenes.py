@@ -97,15 +97,41 @@ def depth_to_disparity(depth_m: torch.Tensor, max_depth: float = 8.0) -> torch.T
 
 
 class SceneSet(EpochRandom, Dataset):
+    """Scenes with an optional horizontal flip applied to both sides of the pair.
+
+    Anchor-cache mode (``imagebind_lite.cache``): the RGB view of a scene is either as rendered
+    (view id = sample id) or flipped (``<id>/flip``), so two views per scene cover every pair
+    training can draw. In that mode a sample names its view under ``"view_id"`` instead of
+    carrying ``"vision"``; with one cached view per scene nothing is flipped.
+    """
+
+    anchor_views: int | None = None  # None: emit "vision"; an int: cache mode
+
     def __init__(self, vision, modality_tensor, labels, modality, ids, flip: bool, seed: int = 0):
         self.seed = seed
         self.vision, self.data, self.labels = vision, modality_tensor, labels
         self.modality, self.ids, self.flip = modality, ids, flip
+        self.max_anchor_views = 2 if flip else 1
+        self._row = {sample_id: row for row, sample_id in enumerate(ids)}
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def use_anchor_views(self, views: int | None) -> None:
+        self.anchor_views = views
+
+    def anchor_view_ids(self, views: int = 1) -> list[str]:
+        flips = [f"{i}/flip" for i in self.ids] if min(views, self.max_anchor_views) > 1 else []
+        return list(self.ids) + flips
+
+    def anchor_input(self, view_id: str) -> torch.Tensor:
+        sample_id, _, flipped = view_id.partition("/")
+        vision = self.vision[self._row[sample_id]]
+        return vision.flip(-1) if flipped else vision
+
     def __getitem__(self, index: int) -> dict:
+        if self.anchor_views is not None:
+            return self._cached_view_sample(index)
         vision, data = self.vision[index], self.data[index]
         if self.flip and torch.rand((), generator=self.generator(index)) < 0.5:
             # The same flip on both sides keeps the pair spatially aligned.
@@ -115,6 +141,19 @@ class SceneSet(EpochRandom, Dataset):
             self.modality: data,
             "label": int(self.labels[index]),
             "id": self.ids[index],
+        }
+
+    def _cached_view_sample(self, index: int) -> dict:
+        data, view = self.data[index], self.ids[index]
+        # The same draw as above, so cached and uncached training see the same pairs.
+        flipped = self.flip and torch.rand((), generator=self.generator(index)) < 0.5
+        if flipped and self.anchor_views > 1:
+            data, view = data.flip(-1), f"{view}/flip"
+        return {
+            self.modality: data,
+            "label": int(self.labels[index]),
+            "id": self.ids[index],
+            "view_id": view,
         }
 
 

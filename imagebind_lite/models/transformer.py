@@ -53,7 +53,9 @@ class Attention(nn.Module):
             k = torch.cat([k, self.bias_k.expand(batch, 1, dim)], dim=1)
             v = torch.cat([v, self.bias_v.expand(batch, 1, dim)], dim=1)
             if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
+                # Every query may attend the extra token: True for boolean masks, 0 for additive.
+                fill = True if attn_mask.dtype == torch.bool else 0.0
+                attn_mask = F.pad(attn_mask, (0, 1), value=fill)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
