@@ -54,6 +54,11 @@ def save_model(encoder: torch.nn.Module, model_config: dict, folder: str | Path)
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
         config = {"format": MODEL_FORMAT, **model_config}
+        source = model_config.get("modality_file")
+        if source and str(source).endswith(".py") and Path(source).is_file():
+            # A user's modality travels with the model, so the folder loads anywhere.
+            shutil.copyfile(source, tmp / "modality.py")
+            config["modality_file"] = "modality.py"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(folder)
 
@@ -69,7 +74,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     if config.get("format") != MODEL_FORMAT:
         raise ValueError(f"{config_path}: unknown model format {config.get('format')!r}")
     if config.get("modality_file"):
-        import_modality_file(config["modality_file"])
+        source = config["modality_file"]
+        if source.endswith(".py") and not Path(source).is_absolute():
+            source = str(folder / source)
+        import_modality_file(source)
     encoder = build_encoder(
         config["modality"],
         embed_dim=config["embed_dim"],

@@ -12,18 +12,22 @@ from .config import ConfigError, load_config
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def default_config_path(name: str) -> Path | None:
+def default_config_path(name: str | None) -> Path | None:
     """``configs/NAME`` next to the package (a source checkout), else the built-in defaults."""
+    if name is None:
+        return None
     path = REPO_CONFIGS / name
     return path if path.is_file() else None
 
 
-def train_main(default_config: str, argv: list[str] | None = None) -> dict:
+def train_main(default_config: str | None, argv: list[str] | None = None) -> dict:
+    """``default_config``: a file in ``configs/``, or None to start from the dataclass defaults."""
     parser = argparse.ArgumentParser(
         description="Align a modality encoder to the frozen CLIP anchor.",
         epilog="Any config field can be overridden: section.field=value, e.g. optim.lr=1e-3",
     )
-    parser.add_argument("--config", help=f"YAML config (default: configs/{default_config})")
+    default_help = f"configs/{default_config}" if default_config else "the config.py defaults"
+    parser.add_argument("--config", help=f"YAML config (default: {default_help})")
     parser.add_argument(
         "--resume",
         nargs="?",
