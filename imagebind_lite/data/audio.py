@@ -17,7 +17,7 @@ Two modes, chosen with the ``compat`` option:
 
 ``compat="imagebind"`` (reproduces ImageBind's ``load_and_transform_audio_data`` output)
     * the whole ``[channels, samples]`` waveform is resampled with the kernel that
-      ``torchaudio.functional.resample`` builds (float32, sinc_interp_hann, width 6, rolloff 0.99);
+      ``torchaudio.functional.resample`` builds (in float32);
     * clips are views of that waveform and each view's mean, taken over *all* channels, is
       subtracted in place, so when clips overlap (files between 2 s and 6 s for 3 clips of 2 s)
       a later clip inherits the earlier clip's shift on the shared samples;
@@ -31,9 +31,27 @@ Both modes zero-pad a clip shorter than one 25 ms window up to one window (Image
 asserts on such input); a file shorter than ``clip_duration`` yields ``num_clips`` clips of the
 whole file.
 
-The fbank is computed for all clips of many files at once. It performs the same floating-point
-operations, in the same order, as ``torchaudio.compliance.kaldi.fbank`` with ImageBind's
-arguments, so the features match a per-clip kaldi call; see ``bench/audio_preprocess.py``.
+Resampling uses torchaudio's windowed-sinc kernel (sinc_interp_hann, width 6, rolloff 0.99),
+cached per rate pair: built in float64 in default mode (as ``torchaudio.transforms.Resample``),
+in float32 in imagebind mode (as ``torchaudio.functional.resample``, up to 6e-4 apart after
+normalising).
+
+Speed: the fbank is computed for groups of ~1000 frames from many clips and files at once, in
+per-thread reusable buffers (about 10 MB per thread), with the mel filters, window and resampling
+kernels cached; :func:`load_and_transform_audio` spreads files over a thread pool. Every step is
+the same floating-point operation, in the same order, as ``torchaudio.compliance.kaldi.fbank``
+and ``torchaudio.functional.resample`` with ImageBind's arguments, so imagebind mode is
+bit-identical to ImageBind's per-clip code (max abs diff 0 in ``bench/audio_preprocess.py``,
+all 3000 FSDD files). One caveat, ImageBind's own: the clip mean over more than 32768 samples
+(several channels, or clips over 2.048 s) is a parallel sum whose rounding depends on
+``torch.get_num_threads()``, so ImageBind's output for such clips moves by ~1e-5 with the thread
+count. The features are therefore computed on pool threads that run torch single-threaded, for
+:func:`waveform_to_clips` too: they match ImageBind run with ``torch.set_num_threads(1)`` and do
+not depend on the caller's thread count, ``num_workers`` or how files are batched.
+
+Bad input: :func:`read_audio` raises :class:`AudioReadError` (a ``ValueError`` with a
+``reason``) for missing, empty, corrupt, truncated or NaN/inf files; digitally silent audio
+loads (check it with :func:`is_silent`) and gives the log floor, -1.2776 after normalising.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ from __future__ import annotations
 import atexit
 import functools
 import math
+import mmap
 import os
 import threading
 import warnings
@@ -48,7 +67,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
@@ -65,6 +86,10 @@ DEFAULTS = {
     "target_length": 204,
     "mean": IMAGEBIND_MEAN,
     "std": IMAGEBIND_STD,
+    # Not ImageBind's: subtract each clip's mean log-mel spectrum over its real frames (cepstral
+    # mean normalisation; padding becomes 0). It removes most of a speaker's and microphone's
+    # fixed colouring, which a small encoder trained on few speakers otherwise memorises.
+    "utterance_norm": False,
 }
 
 COMPAT_MODES = ("default", "imagebind")
@@ -75,38 +100,68 @@ _FRAME_SHIFT_MS = 10.0
 _PREEMPHASIS = 0.97
 _LOW_FREQ = 20.0
 _PAD_WARN_FRACTION = 0.2
-_GROUP_FRAMES = 4096
+_GROUP_FRAMES = 1024
 
 
 class AudioReadError(ValueError):
-    """A file that cannot be used as audio; the message names the file and the problem."""
+    """A file that cannot be used as audio; the message names the file and the problem.
+
+    ``reason`` classifies it: "missing" (no such file), "empty" (zero bytes or no samples),
+    "unreadable" (corrupt, truncated, undecodable) or "nan" (NaN or infinite samples).
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        # Keeps the reason when the error crosses a process boundary (DataLoader workers).
+        return type(self), (str(self), self.reason)
 
 
 class AudioPaddingWarning(UserWarning):
     """A clip's fbank was padded or cropped by more than 20% of its frames (imagebind mode)."""
 
 
-def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
+def _source_name(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "name", repr(source)))
+
+
+def read_audio(source: str | Path | BinaryIO) -> tuple[torch.Tensor, int]:
     """Return ``(waveform [channels, samples] float32, sample_rate)`` read with soundfile.
 
-    Raises :class:`AudioReadError` for unreadable, corrupt or truncated files, files with no
+    ``source`` is a path or a binary file object (e.g. a member of a tar shard). Raises
+    :class:`AudioReadError` for missing, unreadable, corrupt or truncated files, files with no
     samples and files containing NaN or infinite samples. Silent audio loads; see
     :func:`is_silent`.
     """
+    is_path = isinstance(source, (str, os.PathLike))
+    name = _source_name(source)
     try:
-        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        # SoundFile directly: sf.read's extra bookkeeping costs a fifth of decoding a short WAV.
+        with sf.SoundFile(os.fspath(source) if is_path else source) as handle:
+            sample_rate = handle.samplerate
+            data = handle.read(dtype="float32", always_2d=True)
     # soundfile raises LibsndfileError (a RuntimeError) for corrupt or truncated data, OSError
     # for missing files, and a corrupt header can ask for an impossible allocation.
     except (RuntimeError, OSError, ValueError, TypeError, EOFError, MemoryError) as err:
-        raise AudioReadError(f"{path}: cannot be read as audio ({err})") from None
+        if is_path and not os.path.exists(source):
+            raise AudioReadError(f"{name}: no such file", "missing") from None
+        if is_path and os.path.getsize(source) == 0:
+            raise AudioReadError(f"{name}: empty file (0 bytes)", "empty") from None
+        raise AudioReadError(f"{name}: cannot be read as audio ({err})") from None
     if data.shape[0] == 0 or data.shape[1] == 0:
-        raise AudioReadError(f"{path}: contains no samples")
+        raise AudioReadError(f"{name}: contains no samples", "empty")
     if sample_rate <= 0:
-        raise AudioReadError(f"{path}: invalid sample rate {sample_rate}")
-    wav = torch.from_numpy(data.T.copy())
-    if not torch.isfinite(wav).all():
-        raise AudioReadError(f"{path}: contains NaN or infinite samples")
-    return wav, int(sample_rate)
+        raise AudioReadError(f"{name}: invalid sample rate {sample_rate}")
+    # A float64 sum of float32 samples cannot overflow, so it is finite exactly when every
+    # sample is, and costs a fraction of an elementwise check.
+    if not math.isfinite(data.sum(dtype=np.float64)):
+        raise AudioReadError(f"{name}: contains NaN or infinite samples", "nan")
+    # soundfile returns [samples, channels]; for mono the transpose is already contiguous.
+    return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
 
 
 def is_silent(wav: torch.Tensor, threshold: float = 0.0) -> bool:
@@ -119,19 +174,39 @@ def is_silent(wav: torch.Tensor, threshold: float = 0.0) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
-    # The kernel is built once per rate pair, not once per file. dtype=float32 builds it the way
-    # torchaudio.functional.resample does for float32 input (the transform's default builds it
-    # in float64, which differs by up to 4e-5 and would break bit-exactness with ImageBind).
-    return torchaudio.transforms.Resample(orig, new, dtype=torch.float32)
+def _resampler(orig: int, new: int, float32_kernel: bool) -> torchaudio.transforms.Resample:
+    # The kernel is built once per rate pair, not once per file. torchaudio.functional.resample
+    # (what ImageBind calls) builds it in the input's float32; the transform's default builds it
+    # in float64 and rounds once, which is slightly more accurate but differs by up to 4e-5.
+    return torchaudio.transforms.Resample(
+        orig, new, dtype=torch.float32 if float32_kernel else None
+    )
 
 
-def resample(wav: torch.Tensor, orig: int, new: int) -> torch.Tensor:
-    """Resample ``[..., samples]`` like ``torchaudio.functional.resample`` with its defaults."""
+def resample(wav: torch.Tensor, orig: int, new: int, imagebind: bool = False) -> torch.Tensor:
+    """Resample ``[..., samples]`` with torchaudio's windowed-sinc defaults.
+
+    ``imagebind=False``: as ``torchaudio.transforms.Resample`` (kernel computed in float64).
+    ``imagebind=True``: bit-identical to ``torchaudio.functional.resample`` on float32 input.
+    """
     if orig == new:
         return wav
+    module = _resampler(int(orig), int(new), bool(imagebind))
+    if not wav.is_floating_point():
+        return module(wav)  # torchaudio's own error message
+    # torchaudio's kernel application step by step (pad, strided conv1d, interleave, trim), so
+    # results stay bit-identical; inlined because its Python overhead per call rivals the
+    # convolution itself on short clips.
+    step_in, step_out = module.orig_freq // module.gcd, module.new_freq // module.gcd
+    shape, length = wav.shape, wav.shape[-1]
+    flat = wav.reshape(-1, length)
     with torch.no_grad():
-        return _resampler(int(orig), int(new))(wav)
+        padded = torch.nn.functional.pad(flat, (module.width, module.width + step_in))
+        out = torch.nn.functional.conv1d(padded[:, None], module.kernel, stride=step_in)
+        out = out.transpose(1, 2).reshape(flat.shape[0], -1)
+    # torchaudio rounds the output length through a float32 tensor before ceil; so does this.
+    keep = math.ceil(float(np.float32(step_out * length / step_in)))
+    return out[..., :keep].view(*shape[:-1], -1)
 
 
 def clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[float]:
@@ -185,7 +260,7 @@ def _clip_signals(
     """
     sr = int(o["sample_rate"])
     if o["compat"] == "imagebind":
-        resampled = resample(wav, sample_rate, sr)
+        resampled = resample(wav, sample_rate, sr, imagebind=True)
         wav = resampled.clone() if resampled is wav and not owned else resampled
         signals = []
         for begin, end in imagebind_clip_bounds(
@@ -265,14 +340,22 @@ def _log_mel(frames: list[torch.Tensor], sample_rate: int, num_mel_bins: int) ->
     centred = torch.cat(frames, out=ws.get("frames", count, size))
     centred -= torch.mean(centred, dim=1).unsqueeze(1)
     fft_in = ws.get("fft_in", count, padded)
-    fft_in[:, size:] = 0
+    fft_in[:, size:].zero_()  # an op, not item assignment, which would hold the GIL
     emphasised = fft_in[:, :size]
     torch.mul(centred[:, :-1], _PREEMPHASIS, out=emphasised[:, 1:])
     torch.mul(centred[:, :1], _PREEMPHASIS, out=emphasised[:, :1])
     torch.sub(centred, emphasised, out=emphasised)
     emphasised *= window
-    spectrum = torch.fft.rfft(fft_in, out=ws.get("spectrum", count, padded // 2 + 1, torch.cfloat))
-    power = torch.abs(spectrum, out=ws.get("power", count, padded // 2 + 1)).pow_(2.0)
+    bins = padded // 2 + 1
+    spectrum = torch.view_as_real(
+        torch.fft.rfft(fft_in, out=ws.get("spectrum", count, bins, torch.cfloat))
+    )
+    # |z| as torch.hypot on contiguous real and imaginary planes: 4x faster than complex abs,
+    # which runs element by element, and the same values (both round sqrt(re^2 + im^2)
+    # correctly; no difference on 80M test values).
+    power = ws.get("power", count, bins).copy_(spectrum[..., 0])
+    imag = ws.get("imag", count, bins).copy_(spectrum[..., 1])
+    power = torch.hypot(power, imag, out=power).pow_(2.0)
     energies = torch.mm(power, banks_t, out=ws.get("energies", count, num_mel_bins))
     return energies.clamp_min_(_EPSILON_VALUE).log_()
 
@@ -307,9 +390,16 @@ def _features_into(
             for i in range(first, last):
                 count = frames[i].shape[0]
                 kept = min(count, target)
-                out[i, 0, :, :kept] = logmel[offset : offset + kept].T
+                # copy_/fill_ rather than item assignment: tensor __setitem__ holds the GIL
+                # for the whole copy, which would serialise the worker threads.
+                out[i, 0, :, :kept].copy_(logmel[offset : offset + kept].T)
+                clip_pad = pad_value
+                if o.get("utterance_norm"):
+                    real = out[i, 0, :, :kept]
+                    real.sub_(real.mean(dim=1, keepdim=True))
+                    clip_pad = 0.0
                 if kept < target:
-                    out[i, 0, :, kept:] = pad_value
+                    out[i, 0, :, kept:].fill_(clip_pad)
                 offset += count
                 if abs(target - count) / count > _PAD_WARN_FRACTION:
                     flagged.append((i, count))
@@ -338,6 +428,7 @@ def fbank(
         "std": std,
     }
     out = torch.empty(1, 1, num_mel_bins, target_length)
+    waveform = waveform.to(torch.float32)
     _features_into(out, [waveform - waveform.mean()], o)
     return out[0]
 
@@ -350,14 +441,18 @@ def _padding_message(path, flagged: list[tuple[int, int]], target: int) -> str:
 def waveform_to_clips(
     wav: torch.Tensor, sample_rate: int, options: dict | None = None
 ) -> torch.Tensor:
-    """[channels, samples] at any rate -> [num_clips, 1, num_mel_bins, target_length].
+    """[channels, samples] (or [samples]) at any rate -> [num_clips, 1, mel bins, target_length].
 
     ``options`` may hold any of :data:`DEFAULTS` plus ``compat`` ("default" or "imagebind");
     other keys are ignored. See the module docstring for how the modes differ.
     """
     o = _options(options)
+    if wav.dim() == 1:
+        wav = wav.unsqueeze(0)
+    if wav.dtype != torch.float32:
+        wav = wav.to(torch.float32)
     out = torch.empty(o["num_clips"], 1, o["num_mel_bins"], o["target_length"])
-    flagged = _features_into(out, _clip_signals(wav, sample_rate, o), o)
+    flagged = _single_threaded(lambda: _features_into(out, _clip_signals(wav, sample_rate, o), o))
     if flagged and o["compat"] == "imagebind":
         warnings.warn(
             _padding_message("waveform", flagged, o["target_length"]),
@@ -379,19 +474,62 @@ def _transform_files(paths: Sequence, out: torch.Tensor, o: dict) -> list[str]:
     per_file: dict[int, list[tuple[int, int]]] = {}
     for index, count in flagged:
         per_file.setdefault(index // o["num_clips"], []).append((index % o["num_clips"], count))
-    return [_padding_message(paths[f], c, o["target_length"]) for f, c in per_file.items()]
+    target = o["target_length"]
+    return [_padding_message(_source_name(paths[f]), c, target) for f, c in per_file.items()]
 
 
 _POOL_LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+# Set in pool threads, so that work submitted from inside one runs inline instead of waiting
+# on a pool that may be busy running its caller.
+_IN_WORKER = threading.local()
+
+
+def _single_threaded(fn, *args):
+    """Run ``fn(*args)`` on a pool thread whose torch ops are single-threaded.
+
+    Features then never depend on the caller's torch thread count (see the module docstring),
+    and a lone call is not slowed by OpenMP threads spinning against other jobs.
+    """
+    if getattr(_IN_WORKER, "active", False):
+        return fn(*args)
+    return _pool(1).submit(fn, *args).result()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     # Reused across calls: a training loop calls this once per batch.
     with _POOL_LOCK:
         if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="audio")
+            _POOLS[workers] = _start_pool(workers)
         return _POOLS[workers]
+
+
+def _start_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool whose threads run torch ops single-threaded.
+
+    Two reasons: results that do not depend on the caller's thread count (see the module
+    docstring), and no oversubscription, since the workers already keep the cores busy and
+    OpenMP teams inside each would spin against each other (and against other jobs on a
+    shared machine, which made single calls 10-50x slower in our measurements).
+    torch.set_num_threads is per thread for OpenMP and MKL but also sets the default for
+    threads created later, so the caller's value is put back once every worker has its own.
+    """
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="audio")
+    caller_threads = torch.get_num_threads()
+    ready = threading.Barrier(workers)
+
+    def single_threaded() -> None:
+        torch.get_num_threads()  # torch's lazy per-thread init would undo a setting made before
+        torch.set_num_threads(1)
+        _IN_WORKER.active = True
+        ready.wait(timeout=60)  # one task per thread: no thread can take two
+
+    try:
+        for future in [pool.submit(single_threaded) for _ in range(workers)]:
+            future.result()
+    finally:
+        torch.set_num_threads(caller_threads)
+    return pool
 
 
 @atexit.register
@@ -400,36 +538,76 @@ def _shutdown_pools() -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _forget_pools_after_fork() -> None:
+    # A forked child (e.g. a DataLoader worker) inherits pool objects but not their threads;
+    # submitting to them would wait forever.
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def default_num_workers() -> int:
-    """One worker per usable CPU, at most 8."""
+    """One worker per usable CPU, at most 8 and at most ``torch.get_num_threads()``.
+
+    The last bound respects the caller's thread budget: DataLoader workers set torch to one
+    thread, and there the parallelism already comes from the DataLoader, so each uses one.
+    """
     if hasattr(os, "sched_getaffinity"):
         cpus = len(os.sched_getaffinity(0))
     else:
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, cpus, torch.get_num_threads()))
+
+
+_HUGE_PAGE_BYTES = 8 << 20
+
+
+def _empty_output(shape: tuple[int, ...]) -> torch.Tensor:
+    """``torch.empty(shape)``, on transparent huge pages when it is large.
+
+    A batch of features is written once, and first-touch page faults on 4 KiB pages cost more
+    than the copies themselves (125 MB for 400 files: 40 ms of faults vs 9 ms on 2 MiB pages).
+    Falls back to torch.empty where huge pages are unavailable.
+    """
+    nbytes = math.prod(shape) * 4
+    if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return torch.empty(shape)
+    # The tensor keeps the mapping alive and unmaps it when freed.
+    return torch.frombuffer(region, dtype=torch.float32).view(shape)
 
 
 def load_and_transform_audio(
-    paths: Sequence[str | Path], num_workers: int | None = None, **options
+    paths: Sequence[str | Path | BinaryIO], num_workers: int | None = None, **options
 ) -> torch.Tensor:
-    """Files -> [N, num_clips, 1, num_mel_bins, target_length].
+    """Files (paths or binary file objects) -> [N, num_clips, 1, num_mel_bins, target_length].
 
     ``options``: any of :data:`DEFAULTS` (sample_rate, num_clips, clip_duration, num_mel_bins,
-    target_length, mean, std) and ``compat`` ("default" or "imagebind"). Files are decoded and
-    featurised in chunks on ``num_workers`` threads (default: one per CPU, at most 8; 0 or 1
-    runs inline). The fbank of a whole chunk is one batched computation whose big ops release
-    the GIL, so threads overlap. Raises :class:`AudioReadError` naming the first bad file.
+    target_length, mean, std) and ``compat`` ("default" or "imagebind"; see the module
+    docstring). Files are decoded and featurised in chunks on ``num_workers`` threads (default:
+    :func:`default_num_workers`; at least 1). Each worker runs torch single-threaded and
+    computes the fbank of its chunk as a few batched ops that release the GIL, so the threads
+    overlap. The output does not depend on ``num_workers``. Raises :class:`AudioReadError`
+    naming the first bad file; emits :class:`AudioPaddingWarning` (imagebind mode) per file.
     """
     o = _options(options)
     paths = list(paths)
-    out = torch.empty(len(paths), o["num_clips"], 1, o["num_mel_bins"], o["target_length"])
+    out = _empty_output((len(paths), o["num_clips"], 1, o["num_mel_bins"], o["target_length"]))
     workers = default_num_workers() if num_workers is None else max(1, int(num_workers))
     if not paths:
         return out
     # Chunks big enough to amortise per-op overhead, small enough to balance the threads.
     chunk = max(1, min(32, math.ceil(len(paths) / (2 * workers))))
     spans = [(i, min(i + chunk, len(paths))) for i in range(0, len(paths), chunk)]
-    if workers == 1 or len(spans) == 1:
+    if getattr(_IN_WORKER, "active", False):  # called from one of our own workers
         messages = [m for a, b in spans for m in _transform_files(paths[a:b], out[a:b], o)]
     else:
         pool = _pool(workers)

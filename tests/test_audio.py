@@ -1,0 +1,413 @@
+"""Audio preprocessing: ImageBind-exact mode, options, bad input, formats, augmentation."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from torchaudio.compliance import kaldi
+
+from imagebind_lite.data import audio
+
+FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
+PAD_VALUE = (0 - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD  # 0.467
+SILENCE_VALUE = (
+    float(np.log(np.finfo(np.float32).eps)) - audio.IMAGEBIND_MEAN
+) / audio.IMAGEBIND_STD
+
+
+def imagebind_reference(path: Path) -> torch.Tensor:
+    """ImageBind's recipe written out plainly, one file, one clip at a time: [3, 1, 128, 204]."""
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    waveform = torch.from_numpy(data.T.copy())
+    if sr != 16000:
+        waveform = AF.resample(waveform, orig_freq=sr, new_freq=16000)
+    step = Fraction(max(waveform.shape[1] / 16000 - 2, 0)) / 2
+    clips = []
+    for i in range(3):
+        start, end = step * i, step * i + 2
+        clip = waveform[:, int(start * 16000) : int(end * 16000)]
+        clip -= clip.mean()  # in place: the views overlap, so later clips see this shift
+        feats = kaldi.fbank(
+            clip,
+            htk_compat=True,
+            sample_frequency=16000,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=128,
+            dither=0.0,
+            frame_length=25,
+            frame_shift=10,
+        ).T
+        if feats.shape[1] < 204:
+            feats = torch.nn.functional.pad(feats, (0, 204 - feats.shape[1]))
+        feats = feats[:, :204]
+        clips.append(((feats - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD).unsqueeze(0))
+    return torch.stack(clips)
+
+
+def imagebind(paths, **options) -> torch.Tensor:
+    """load_and_transform_audio in imagebind mode unless told otherwise, padding warnings off."""
+    options.setdefault("compat", "imagebind")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", audio.AudioPaddingWarning)
+        return audio.load_and_transform_audio(paths, **options)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded_torch():
+    # On a shared 2-core machine, torch's OpenMP threads spinning against other jobs make the
+    # per-clip reference and inline calls 10-50x slower; these tests check values, not speed.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fsdd() -> list[Path]:
+    if not FSDD.is_dir():
+        pytest.skip(f"{FSDD} not available")
+    files = sorted(FSDD.glob("*.wav"))[:40]
+    if len(files) < 10:
+        pytest.skip(f"too few files in {FSDD}")
+    return files
+
+
+def concat_fsdd(files: list[Path], seconds: float) -> tuple[np.ndarray, int]:
+    """Several spoken digits back to back, cut to ``seconds`` (FSDD is 8 kHz mono)."""
+    parts, rate = [], None
+    for path in files:
+        data, rate = sf.read(str(path), dtype="float32")
+        parts.append(data)
+        if sum(len(p) for p in parts) >= seconds * rate:
+            break
+    joined = np.concatenate(parts)
+    assert len(joined) >= seconds * rate, "not enough FSDD audio"
+    return joined[: int(seconds * rate)], rate
+
+
+@pytest.fixture(scope="module")
+def long_file(fsdd, tmp_path_factory) -> Path:
+    """5.5 s with a DC offset: ImageBind's three 2 s clips overlap (0-2, 1.75-3.75, 3.5-5.5)."""
+    data, rate = concat_fsdd(fsdd, 5.5)
+    path = tmp_path_factory.mktemp("audio") / "long_dc.wav"
+    sf.write(path, data * 0.5 + 0.3, rate, subtype="FLOAT")
+    return path
+
+
+def test_imagebind_exact_on_short_fsdd_clips(fsdd):
+    files = fsdd[:6]
+    durations = [sf.info(str(p)).duration for p in files]
+    assert min(durations) < 2.0
+    out = imagebind(files)
+    assert out.shape == (6, 3, 1, 128, 204)
+    expected = torch.stack([imagebind_reference(p) for p in files])
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    # A file under 2 s: three clips of the whole file, few frames, padded with 0.467.
+    frames = 1 + (int(durations[0] * 16000) - 400) // 160
+    assert frames < 204
+    torch.testing.assert_close(
+        out[0, :, :, :, frames:], torch.full_like(out[0, :, :, :, frames:], PAD_VALUE)
+    )
+    assert not torch.allclose(out[0, 0, 0, :, frames - 1], torch.tensor(PAD_VALUE))
+    torch.testing.assert_close(out[0, 0], out[0, 1], atol=1e-4, rtol=0)
+
+
+def test_imagebind_overlap_quirk_on_long_file(long_file):
+    out = imagebind([long_file])
+    assert out.shape == (1, 3, 1, 128, 204)
+    torch.testing.assert_close(out[0], imagebind_reference(long_file), atol=1e-4, rtol=0)
+    # 2 s clips give 198 frames and 6 padding columns of 0.467.
+    torch.testing.assert_close(out[..., 198:], torch.full_like(out[..., 198:], PAD_VALUE))
+    assert not torch.allclose(out[..., 197], torch.tensor(PAD_VALUE))
+    # The first clip has no earlier neighbour; the later ones inherit the in-place shift.
+    # (Default mode's float64-built resampling kernel accounts for differences up to 6e-4.)
+    default = audio.load_and_transform_audio([long_file])
+    diff = (out - default).abs().amax(dim=(0, 2, 3, 4))
+    assert diff[0] < 1e-3
+    assert diff[1:].max() > 1e-2
+
+
+def test_imagebind_stereo(fsdd, tmp_path):
+    # 4.5 s at 11.025 kHz: overlapping clips, and a resampling kernel unlike FSDD's 8 kHz one.
+    rate, seconds = 11025, 4.5
+    left, _ = concat_fsdd(fsdd[:20], seconds * rate / 8000)
+    right, _ = concat_fsdd(fsdd[20:], seconds * rate / 8000)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([left, 0.3 * right + 0.4], axis=1), rate, subtype="FLOAT")
+    out = imagebind([path])
+    torch.testing.assert_close(out[0], imagebind_reference(path), atol=1e-4, rtol=0)
+    # Default mode mixes both channels down; ImageBind keeps channel 0.
+    assert (audio.load_and_transform_audio([path]) - out).abs().max() > 1e-2
+    # ImageBind's fbank sees only channel 0, but its in-place shift is the mean over both
+    # channels: the first clip matches the left channel alone, the overlapping ones do not.
+    left_only = tmp_path / "left.wav"
+    sf.write(left_only, left, rate, subtype="FLOAT")
+    diff = (imagebind([left_only]) - out).abs().amax(dim=(0, 2, 3, 4))
+    assert diff[0] < 1e-3
+    assert diff[1:].max() > 1e-2
+
+
+def test_imagebind_warns_on_heavy_padding(fsdd):
+    with pytest.warns(audio.AudioPaddingWarning, match=fsdd[0].name):
+        audio.load_and_transform_audio(fsdd[:1], compat="imagebind")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", audio.AudioPaddingWarning)
+        audio.load_and_transform_audio(fsdd[:1])
+
+
+def test_workers_and_batching_do_not_change_output(fsdd):
+    files = fsdd[:12]
+    serial = imagebind(files, num_workers=1)
+    torch.testing.assert_close(imagebind(files, num_workers=3), serial, atol=0, rtol=0)
+    one_by_one = torch.stack([audio.waveform_to_clips(*audio.read_audio(p)) for p in files])
+    torch.testing.assert_close(audio.load_and_transform_audio(files), one_by_one)
+
+
+def test_features_do_not_depend_on_torch_threads(tmp_path):
+    # Three channels: ImageBind's clip mean then sums 96000 samples, a parallel reduction.
+    rng = np.random.default_rng(4)
+    path = tmp_path / "three_channels.wav"
+    sf.write(path, rng.normal(0.1, 0.2, (46305, 3)).astype(np.float32), 11025, subtype="FLOAT")
+    wav, sr = audio.read_audio(path)
+    single = audio.waveform_to_clips(wav, sr, {"compat": "imagebind"})
+    torch.set_num_threads(2)
+    try:
+        double = audio.waveform_to_clips(wav, sr, {"compat": "imagebind"})
+        batched = imagebind([path, path], num_workers=2)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(single, double)
+    assert torch.equal(batched[0], single) and torch.equal(batched[1], single)
+    torch.testing.assert_close(single, imagebind_reference(path), atol=1e-4, rtol=0)
+
+
+def test_waveform_to_clips_imagebind_does_not_modify_input(long_file):
+    wav, sr = audio.read_audio(long_file)
+    wav = audio.resample(wav, sr, 16000, imagebind=True)
+    before = wav.clone()
+    clips = audio.waveform_to_clips(wav, 16000, {"compat": "imagebind"})
+    assert torch.equal(wav, before)
+    torch.testing.assert_close(clips, imagebind([long_file])[0], atol=1e-4, rtol=0)
+
+
+def test_waveform_to_clips_accepts_1d_and_float64(long_file):
+    wav, sr = audio.read_audio(long_file)
+    expected = audio.waveform_to_clips(wav, sr)
+    torch.testing.assert_close(audio.waveform_to_clips(wav[0], sr), expected, atol=0, rtol=0)
+    torch.testing.assert_close(audio.waveform_to_clips(wav.double(), sr), expected, atol=0, rtol=0)
+
+
+def test_clip_bounds():
+    assert audio.imagebind_clip_bounds(160000, 16000, 2, 3) == [
+        (0, 32000),
+        (64000, 96000),
+        (128000, 160000),
+    ]
+    assert audio.imagebind_clip_bounds(80000, 16000, 2, 3) == [
+        (0, 32000),
+        (24000, 56000),
+        (48000, 80000),
+    ]
+    assert audio.imagebind_clip_bounds(16000, 16000, 2, 3) == [(0, 32000)] * 3
+    assert audio.clip_starts(10.0, 2.0, 3) == [0.0, 4.0, 8.0]
+
+
+@pytest.mark.parametrize("compat", ["default", "imagebind"])
+def test_options_change_shape(long_file, compat):
+    base = {"compat": compat, "num_workers": 1}
+    assert imagebind([long_file], **{**base, "num_clips": 5}).shape == (1, 5, 1, 128, 204)
+    assert imagebind([long_file], **{**base, "num_clips": 1}).shape == (1, 1, 1, 128, 204)
+    out = imagebind([long_file], **{**base, "clip_duration": 1.0})
+    assert out.shape == (1, 3, 1, 128, 204)
+    torch.testing.assert_close(out[..., 98:], torch.full_like(out[..., 98:], PAD_VALUE))
+    assert imagebind([long_file], **{**base, "num_mel_bins": 64}).shape == (1, 3, 1, 64, 204)
+    cropped = imagebind([long_file], **{**base, "target_length": 100})
+    assert cropped.shape == (1, 3, 1, 128, 100)
+    torch.testing.assert_close(cropped, imagebind([long_file], **base)[..., :100])
+    with pytest.raises(ValueError, match="compat"):
+        audio.load_and_transform_audio([long_file], compat="bogus")
+
+
+def test_fbank_matches_kaldi():
+    torch.manual_seed(0)
+    clip = torch.randn(32000) * 0.1 + 0.05
+    expected = kaldi.fbank(
+        (clip - clip.mean()).unsqueeze(0),
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_length=25,
+        frame_shift=10,
+    ).T
+    out = audio.fbank(clip)
+    assert out.shape == (1, 128, 204)
+    torch.testing.assert_close(
+        out[0, :, :198], (expected - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD, atol=1e-5, rtol=0
+    )
+    # Shorter than one 25 ms window: zero-padded to one frame instead of failing in kaldi.
+    assert torch.isfinite(audio.fbank(torch.randn(100))).all()
+
+
+def test_silent_audio_loads(tmp_path):
+    path = tmp_path / "silence.wav"
+    sf.write(path, np.zeros(16000 * 3, dtype=np.float32), 16000)
+    wav, _ = audio.read_audio(path)
+    assert audio.is_silent(wav)
+    assert not audio.is_silent(wav + 1e-3)
+    assert audio.is_silent(wav + 1e-3, threshold=1e-2)
+    out = imagebind([path])
+    torch.testing.assert_close(
+        out[..., :198], torch.full_like(out[..., :198], SILENCE_VALUE), atol=1e-4, rtol=0
+    )
+
+
+def _nan_wav(path: Path) -> None:
+    data = np.sin(np.arange(8000, dtype=np.float32) / 10)
+    data[100] = np.nan
+    sf.write(path, data, 8000, subtype="FLOAT")
+
+
+def _inf_wav(path: Path) -> None:
+    data = np.zeros(8000, dtype=np.float32)
+    data[7] = np.inf
+    sf.write(path, data, 8000, subtype="FLOAT")
+
+
+def _truncated_wav(path: Path) -> None:
+    sf.write(path, np.zeros(8000, dtype=np.float32), 8000)
+    path.write_bytes(path.read_bytes()[:30])
+
+
+def _truncated_flac(path: Path) -> None:
+    # A WAV cut inside its data still decodes (fewer samples); a cut FLAC stream does not.
+    noise = np.random.default_rng(2).normal(0, 0.1, 16000).astype(np.float32)
+    sf.write(path, noise, 16000, format="FLAC")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("make", "problem", "reason"),
+    [
+        (
+            lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+            "cannot be read",
+            "unreadable",
+        ),
+        (lambda p: p.write_bytes(b""), "empty file", "empty"),
+        (lambda p: sf.write(p, np.zeros(0, dtype=np.float32), 8000), "no samples", "empty"),
+        (_nan_wav, "NaN or infinite", "nan"),
+        (_inf_wav, "NaN or infinite", "nan"),
+        (_truncated_wav, "cannot be read", "unreadable"),
+        (_truncated_flac, "cannot be read", "unreadable"),
+    ],
+    ids=["corrupt", "zero-bytes", "no-samples", "nan", "inf", "truncated-header", "truncated-flac"],
+)
+def test_bad_files_raise_audio_read_error(tmp_path, make, problem, reason):
+    path = tmp_path / "bad_input.wav"
+    make(path)
+    with pytest.raises(audio.AudioReadError, match=problem) as info:
+        audio.read_audio(path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert info.value.reason == reason
+    copied = pickle.loads(pickle.dumps(info.value))  # e.g. from a DataLoader worker
+    assert (copied.reason, str(copied)) == (reason, str(info.value))
+    good = tmp_path / "good.wav"
+    sf.write(good, np.random.default_rng(1).normal(0, 0.1, 8000).astype(np.float32), 8000)
+    with pytest.raises(audio.AudioReadError, match="bad_input"):
+        audio.load_and_transform_audio([good] * 40 + [path], num_workers=2)
+
+
+def test_missing_file_raises_audio_read_error(tmp_path):
+    with pytest.raises(audio.AudioReadError, match="nowhere.wav") as info:
+        audio.read_audio(tmp_path / "nowhere.wav")
+    assert info.value.reason == "missing"
+
+
+def test_file_objects(tmp_path):
+    data = np.random.default_rng(3).normal(0, 0.1, 24000).astype(np.float32)
+    path = tmp_path / "clip.flac"
+    sf.write(path, data, 16000)
+    blob = io.BytesIO(path.read_bytes())
+    blob.name = "shard-0/clip.flac"
+    out = audio.load_and_transform_audio([blob])
+    torch.testing.assert_close(out, audio.load_and_transform_audio([path]), atol=0, rtol=0)
+    corrupt = io.BytesIO(b"RIFF not really")
+    corrupt.name = "shard-0/broken.wav"
+    with pytest.raises(audio.AudioReadError, match="shard-0/broken.wav"):
+        audio.read_audio(corrupt)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_survives_fork(fsdd):
+    # DataLoader workers are forked after the parent may have used the thread pool; the child
+    # must start its own threads instead of queueing work for threads it does not have.
+    files = fsdd[:12]
+    expected = audio.load_and_transform_audio(files, num_workers=2)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        same = False
+        try:
+            signal.alarm(60)  # never leave a hung child behind
+            # As DataLoader workers do: OpenMP's thread team does not survive fork.
+            torch.set_num_threads(1)
+            same = torch.equal(audio.load_and_transform_audio(files, num_workers=2), expected)
+        finally:
+            os._exit(0 if same else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(
+    ("suffix", "subtype"), [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", None)]
+)
+@pytest.mark.parametrize("compat", ["default", "imagebind"])
+def test_formats(fsdd, tmp_path, suffix, subtype, compat):
+    data, rate = concat_fsdd(fsdd, 2.5)
+    path = tmp_path / f"clip.{suffix}"
+    sf.write(path, data, rate, subtype=subtype)
+    out = imagebind([path], compat=compat)
+    assert out.shape == (1, 3, 1, 128, 204)
+    assert torch.isfinite(out).all()
+    if suffix != "ogg":  # lossless: the same features as the WAV written the same way
+        wav_path = tmp_path / "ref.wav"
+        sf.write(wav_path, data, rate, subtype="PCM_16")
+        torch.testing.assert_close(out, imagebind([wav_path], compat=compat), atol=0, rtol=0)
+
+
+def test_spec_augment_masks_one_band_per_clip():
+    feats = torch.randn(4, 3, 1, 128, 204) + 5  # no zeros before masking
+    generator = torch.Generator().manual_seed(0)
+    masked = audio.spec_augment(feats, freq_mask=12, generator=generator)
+    assert masked.shape == feats.shape
+    assert (feats != 0).all(), "input must not be modified"
+    saw_mask = False
+    for original, clip in zip(feats.reshape(-1, 128, 204), masked.reshape(-1, 128, 204)):
+        rows = (clip == 0).all(dim=1).nonzero().flatten()
+        assert len(rows) <= 12
+        if len(rows):
+            saw_mask = True
+            assert rows.max() - rows.min() + 1 == len(rows), "one contiguous band"
+        kept = (clip != 0).all(dim=1)
+        assert torch.equal(clip[kept], original[kept])
+        assert ((clip == 0).any(dim=1) == (clip == 0).all(dim=1)).all(), "whole rows only"
+    assert saw_mask
+    timed = audio.spec_augment(feats, freq_mask=0, time_mask=20, generator=generator)
+    columns = (timed.reshape(-1, 128, 204) == 0).all(dim=1).sum(dim=1)
+    assert columns.max() <= 20 and columns.max() > 0
+    assert torch.equal(audio.spec_augment(feats, freq_mask=0), feats)
