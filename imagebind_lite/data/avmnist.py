@@ -13,6 +13,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -70,8 +71,56 @@ def audio_files(root: Path = DEFAULT_ROOT) -> list[tuple[Path, int, str]]:
     return out
 
 
+def valid_frames(path: Path, options: dict) -> int:
+    """Number of real (not padded) fbank frames of a file's first clip."""
+    info = sf.info(str(path))
+    seconds = min(info.frames / info.samplerate, options["clip_duration"])
+    samples = int(seconds * options["sample_rate"])
+    return max(1, min(options["target_length"], 1 + (samples - 400) // 160))
+
+
+def time_shift(
+    feats: torch.Tensor, frames: int, max_shift: int, g: torch.Generator
+) -> torch.Tensor:
+    """Move the recording right by a random number of frames within its padding."""
+    room = min(max_shift, feats.shape[-1] - frames)
+    if room <= 0:
+        return feats
+    shift = int(torch.randint(0, room + 1, (1,), generator=g))
+    return torch.roll(feats, shifts=shift, dims=-1)
+
+
+def warp(
+    feats: torch.Tensor, frames: int, max_freq: float, max_time: float, g: torch.Generator
+) -> torch.Tensor:
+    """Stretch the mel axis (vocal tract length perturbation) and the time axis (speaking rate)
+    by random factors in [1 - max, 1 + max]: the variation between speakers that five training
+    speakers cannot cover. Sizes are kept: the mel axis is cropped/padded at the top, the time
+    axis within the padding."""
+    bins, length = feats.shape[-2:]
+    out = feats.reshape(-1, 1, bins, length)[..., :frames]
+    alpha = 1 + max_freq * (2 * float(torch.rand((), generator=g)) - 1)
+    beta = 1 + max_time * (2 * float(torch.rand((), generator=g)) - 1)
+    new_bins = max(2, round(bins * alpha))
+    new_frames = max(1, min(length, round(frames * beta)))
+    out = torch.nn.functional.interpolate(
+        out, size=(new_bins, new_frames), mode="bilinear", align_corners=False
+    )
+    out = out[..., :bins, :]
+    out = torch.nn.functional.pad(out, (0, length - new_frames, 0, bins - out.shape[-2]))
+    return out.reshape(feats.shape)
+
+
 class PairedAudioImages(EpochRandom, Dataset):
-    """Clips paired with a random image of the same digit on every read."""
+    """Clips paired with a random image of the same digit on every read.
+
+    Anchor-cache mode (``imagebind_lite.cache``): the images are not augmented, so each image is
+    one view, keyed by ``image_ids``; in that mode a sample names its image under ``"view_id"``
+    instead of carrying it under ``"vision"``, with the same random pairing.
+    """
+
+    max_anchor_views = 1
+    anchor_views: int | None = None  # None: emit "vision"; an int: cache mode
 
     def __init__(
         self,
@@ -83,13 +132,19 @@ class PairedAudioImages(EpochRandom, Dataset):
         modality,
         augment=None,
         seed: int = 0,
+        image_ids=None,
+        frames=None,
+        max_shift: int = 0,
+        warp: tuple[float, float] = (0.0, 0.0),
     ):
-        self.seed = seed
+        self.seed, self.frames, self.max_shift, self.warp = seed, frames, max_shift, warp
         self.features, self.labels, self.ids = features, labels, ids
         self.images = image_pixels
         self.by_digit = {d: torch.nonzero(image_labels == d).flatten() for d in range(10)}
         self.modality = modality
         self.augment = augment
+        self.image_ids = list(image_ids or (f"image-{i}" for i in range(len(image_pixels))))
+        self._image_row = {image_id: row for row, image_id in enumerate(self.image_ids)}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -98,11 +153,28 @@ class PairedAudioImages(EpochRandom, Dataset):
         g = self.generator(index)
         label = int(self.labels[index])
         choices = self.by_digit[label]
-        image = self.images[choices[torch.randint(len(choices), (1,), generator=g)]].squeeze(0)
+        pick = choices[torch.randint(len(choices), (1,), generator=g)]
         feats = self.features[index]
+        if any(self.warp) and self.frames is not None:
+            feats = warp(feats, int(self.frames[index]), *self.warp, g)
+        if self.max_shift and self.frames is not None:
+            feats = time_shift(feats, int(self.frames[index]), self.max_shift, g)
         if self.augment is not None:
             feats = self.augment(feats, generator=g)
+        if self.anchor_views is not None:
+            view = self.image_ids[int(pick)]
+            return {self.modality: feats, "label": label, "id": self.ids[index], "view_id": view}
+        image = self.images[pick].squeeze(0)
         return {"vision": image, self.modality: feats, "label": label, "id": self.ids[index]}
+
+    def use_anchor_views(self, views: int | None) -> None:
+        self.anchor_views = views
+
+    def anchor_view_ids(self, views: int = 1) -> list[str]:
+        return list(self.image_ids)
+
+    def anchor_input(self, view_id: str) -> torch.Tensor:
+        return self.images[self._image_row[view_id]]
 
 
 class ClipSet(Dataset):
@@ -133,6 +205,7 @@ def build_avmnist(cfg, anchor, spec) -> DatasetBundle:
 
     files = audio_files(root)
     feats = torch.stack([spec.load(path, **options) for path, _, _ in files])
+    frames = torch.tensor([valid_frames(path, options) for path, _, _ in files])
     labels = torch.tensor([digit for _, digit, _ in files])
     ids = [path.stem for path, _, _ in files]
     is_test = torch.tensor([speaker in test_speakers for _, _, speaker in files])
@@ -146,17 +219,28 @@ def build_avmnist(cfg, anchor, spec) -> DatasetBundle:
 
     def subset(mask):
         idx = torch.nonzero(mask).flatten()
-        return feats[idx], labels[idx], [ids[i] for i in idx]
+        return feats[idx], labels[idx], [ids[i] for i in idx], frames[idx]
 
+    tr_feats, tr_labels, tr_ids, tr_frames = subset(~is_test)
     train = PairedAudioImages(
-        *subset(~is_test),
+        tr_feats,
+        tr_labels,
+        tr_ids,
         pixels[train_images],
         image_labels[train_images],
         "audio",
         augment,
         seed=cfg.seed,
+        # Rows of the whole digit table: stable anchor-cache keys whatever the split.
+        image_ids=[f"digit-image-{int(i)}" for i in torch.nonzero(train_images).flatten()],
+        frames=tr_frames,
+        max_shift=int(cfg.data.options.get("time_shift", 0)),
+        warp=(
+            float(cfg.data.options.get("freq_warp", 0)),
+            float(cfg.data.options.get("time_warp", 0)),
+        ),
     )
-    test = ClipSet(*subset(is_test), "audio")
+    test = ClipSet(*subset(is_test)[:3], "audio")
     return DatasetBundle(
         train=train,
         eval=test,

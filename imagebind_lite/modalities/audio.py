@@ -1,12 +1,15 @@
 """Audio: log-mel fbank clips [clips, 1, mel, frames] -> ViT on overlapping 2-D patches."""
 
 from ..data import audio as audio_data
-from ..models.encoder import PatchStem
+from ..models.encoder import ConvStem, PatchStem
 from . import ModalitySpec, register_modality
 
 
-def build_stem(size: dict, options: dict) -> PatchStem:
+def build_stem(size: dict, options: dict):
     # The positional embedding follows the fbank grid that the preprocessing options produce.
+    grid = (options["num_mel_bins"], options["target_length"])
+    if size.get("conv_stem"):
+        return ConvStem(1, size["width"], grid, list(size["conv_stem"]))
     return PatchStem(
         in_chans=1,
         width=size["width"],
@@ -36,6 +39,8 @@ register_modality(
             "small": dict(width=384, depth=12, heads=6, drop_path=0.1, kernel=16, stride=10),
             # CPU-sized: trains in minutes on two cores.
             "tiny": dict(width=128, depth=4, heads=4, mlp_ratio=2.0, kernel=8, stride=8),
+            # Early convolutions before the same tiny trunk: generalises better on small data.
+            "tiny-conv": dict(width=128, depth=3, heads=4, mlp_ratio=2.0, conv_stem=[16, 32, 64]),
         },
         build_stem=build_stem,
         sample_ndim=3,

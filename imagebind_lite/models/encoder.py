@@ -63,6 +63,42 @@ class PatchStem(nn.Module):
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
+class ConvStem(nn.Module):
+    """A few stride-2 3x3 convolutions (BatchNorm, GELU) then a 1x1 projection to the width.
+
+    Early convolutions give a small transformer the locality and small-shift invariance that it
+    otherwise has to learn from data (Xiao et al., 2021); on a few thousand clips that is the
+    difference between memorising speakers and generalising to new ones. Used by CPU sizes.
+    """
+
+    def __init__(self, in_chans: int, width: int, input_size: tuple[int, int], channels: list[int]):
+        super().__init__()
+        self.input_size, self.in_chans = tuple(input_size), in_chans
+        layers, prev = [], in_chans
+        grid = list(self.input_size)
+        for ch in channels:
+            layers += [
+                nn.Conv2d(prev, ch, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(ch),
+                nn.GELU(),
+            ]
+            prev = ch
+            grid = [(g - 1) // 2 + 1 for g in grid]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(prev, width, 1)
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.grid = tuple(grid)
+        self.num_tokens = grid[0] * grid[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (self.in_chans, *self.input_size):
+            raise ValueError(
+                f"expected input of shape [B, {self.in_chans}, {self.input_size[0]}, "
+                f"{self.input_size[1]}], got {list(x.shape)}"
+            )
+        return self.norm(self.proj(self.convs(x)).flatten(2).transpose(1, 2))
+
+
 class LinearWindowStem(nn.Module):
     """Cuts a [B, C, T] signal into non-overlapping windows of ``kernel`` steps and projects each
     window of C*kernel values to the width (ImageBind's IMU stem)."""
