@@ -212,8 +212,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, quiet: bool = Fals
     )
     if len(loader) // accelerator.num_processes == 0:
         raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size}x{accum} per process x {accelerator.num_processes} "
-            f"processes is larger than the {len(bundle.train)} training samples"
+            f"data.batch_size: {cfg.data.batch_size}x{accum} per process x "
+            f"{accelerator.num_processes} processes is larger than the {len(bundle.train)} "
+            "training samples"
         )
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)

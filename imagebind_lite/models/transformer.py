@@ -62,7 +62,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """``x + drop_path(attn(LN(x)))`` then ``x + drop_path(mlp(LN(x)))``; LN eps 1e-6, exact GELU."""
+    """``x + drop_path(attn(LN(x)))``, then the same with the MLP; LN eps 1e-6, exact GELU."""
 
     def __init__(
         self,
