@@ -262,22 +262,32 @@ def _clip_signals(
     if o["compat"] == "imagebind":
         resampled = resample(wav, sample_rate, sr, imagebind=True)
         wav = resampled.clone() if resampled is wav and not owned else resampled
-        signals = []
+        signals, previous = [], None
         for begin, end in imagebind_clip_bounds(
             wav.shape[1], sr, o["clip_duration"], o["num_clips"]
         ):
             view = wav[:, begin:end]
             # In place on purpose: ImageBind's clips are views, so overlapping clips see the
             # shift of earlier ones. The copy freezes channel 0 before the next clip shifts it.
-            view -= view.mean()
+            shift = view.mean()
+            view -= shift
+            if previous is not None and previous[0] == (begin, end) and shift.item() == 0.0:
+                # The same samples, left exactly as they were (a file shorter than a clip gives
+                # identical clips): share the signal so its fbank is computed once.
+                signals.append(previous[1])
+                continue
             signals.append(view[0].clone())
+            previous = ((begin, end), signals[-1])
         return signals
     mono = resample(wav.mean(dim=0), sample_rate, sr)
     clip_samples = int(o["clip_duration"] * sr)
-    signals = []
+    signals, seen = [], {}
     for start in clip_starts(mono.numel() / sr, o["clip_duration"], o["num_clips"]):
-        clip = mono[int(start * sr) : int(start * sr) + clip_samples]
-        signals.append(clip - clip.mean())
+        begin = int(start * sr)
+        if begin not in seen:  # clips of a short file all start at 0: compute the fbank once
+            clip = mono[begin : begin + clip_samples]
+            seen[begin] = clip - clip.mean()
+        signals.append(seen[begin])
     return signals
 
 
@@ -370,8 +380,33 @@ def _features_into(
 
     Returns ``(clip index, frames)`` for clips padded or cropped by more than 20%.
     """
+    sr, mel = int(o["sample_rate"]), int(o["num_mel_bins"])
+    size, shift, *_ = _fbank_constants(sr, mel)
+    # The same signal object twice (identical clips) is computed once and copied.
+    first_of: dict[int, int] = {}
+    duplicates: list[tuple[int, int]] = []
+    unique: list[int] = []
+    for i, signal in enumerate(signals):
+        if id(signal) in first_of:
+            duplicates.append((i, first_of[id(signal)]))
+        else:
+            first_of[id(signal)] = i
+            unique.append(i)
+    if duplicates:
+        flagged = _features_into_unique(out, [signals[i] for i in unique], unique, o)
+        for i, source in duplicates:
+            out[i].copy_(out[source])
+            flagged += [(i, count) for j, count in flagged if j == source]
+        return sorted(flagged)
+    return _features_into_unique(out, signals, range(len(signals)), o)
+
+
+def _features_into_unique(
+    out: torch.Tensor, signals: list[torch.Tensor], rows, o: dict
+) -> list[tuple[int, int]]:
     sr, mel, target = int(o["sample_rate"]), int(o["num_mel_bins"]), int(o["target_length"])
     size, shift, *_ = _fbank_constants(sr, mel)
+    rows = list(rows)
     frames = [_frames(s, size, shift) for s in signals]
     # Normalising before padding gives the same numbers as ImageBind's pad-then-normalise,
     # since padding zeros become the constant (0 - mean) / std.
@@ -388,21 +423,21 @@ def _features_into(
             logmel.sub_(o["mean"]).div_(o["std"])
             offset = 0
             for i in range(first, last):
-                count = frames[i].shape[0]
+                count, row = frames[i].shape[0], rows[i]
                 kept = min(count, target)
                 # copy_/fill_ rather than item assignment: tensor __setitem__ holds the GIL
                 # for the whole copy, which would serialise the worker threads.
-                out[i, 0, :, :kept].copy_(logmel[offset : offset + kept].T)
+                out[row, 0, :, :kept].copy_(logmel[offset : offset + kept].T)
                 clip_pad = pad_value
                 if o.get("utterance_norm"):
-                    real = out[i, 0, :, :kept]
+                    real = out[row, 0, :, :kept]
                     real.sub_(real.mean(dim=1, keepdim=True))
                     clip_pad = 0.0
                 if kept < target:
-                    out[i, 0, :, kept:].fill_(clip_pad)
+                    out[row, 0, :, kept:].fill_(clip_pad)
                 offset += count
                 if abs(target - count) / count > _PAD_WARN_FRACTION:
-                    flagged.append((i, count))
+                    flagged.append((row, count))
             first = last
     return flagged
 
