@@ -39,14 +39,7 @@ from imagebind_lite.evaluation.zero_shot import class_scores, retrieval_metrics,
 E = torch.eye(4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a shared two-core machine: one thread avoids hand-off stalls that make
-    # these tests ten times slower when other work runs beside them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_recall_at_k_and_median_rank_known_ranks():

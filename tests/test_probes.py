@@ -26,14 +26,7 @@ from imagebind_lite.evaluation.probes import (
 )
 from imagebind_lite.evaluation.report import pca_2d, read_training_curves, sample_rows
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a shared two-core machine: one thread avoids hand-off stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BagOfWords:

@@ -162,14 +162,7 @@ def make_llvip(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a shared two-core machine: one thread avoids hand-off stalls that make
-    # these tests ten times slower when other work runs beside them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
