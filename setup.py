@@ -21,7 +21,7 @@ setup(
         "einops",
         "accelerate>=0.30",
         "soundfile",
-        "open_clip_torch>=2.24",
+        "open_clip_torch>=3.0",  # the version tested here is 3.3
         "safetensors",
         "pyyaml",
         "tqdm",
