@@ -501,7 +501,17 @@ def _transform_files(paths: Sequence, out: torch.Tensor, o: dict) -> list[str]:
     """Fill ``out`` [len(paths), clips, 1, mel, target]; return padding warnings to emit."""
     signals = []
     for path in paths:
-        signals.extend(_clip_signals(*read_audio(path), o, owned=True))
+        # Decoding a short file is mostly Python-level calls into soundfile and torch, each of
+        # which drops and retakes the GIL; two workers doing that at once hand the GIL back and
+        # forth and both slow down. One decoder at a time, while the other worker runs the
+        # GIL-free batched fbank, was 15% faster on FSDD. A long file's resampling is heavy
+        # GIL-free work, so it runs outside the lock (holding it cost 20% on 5 s files).
+        with _DECODE_LOCK:
+            wav, rate = read_audio(path)
+            if wav.numel() <= _SERIAL_DECODE_SAMPLES:
+                signals.extend(_clip_signals(wav, rate, o, owned=True))
+                continue
+        signals.extend(_clip_signals(wav, rate, o, owned=True))
     flat = out.view(-1, *out.shape[2:])
     flagged = _features_into(flat, signals, o)
     if o["compat"] != "imagebind" or not flagged:
@@ -513,6 +523,8 @@ def _transform_files(paths: Sequence, out: torch.Tensor, o: dict) -> list[str]:
     return [_padding_message(_source_name(paths[f]), c, target) for f, c in per_file.items()]
 
 
+_DECODE_LOCK = threading.Lock()
+_SERIAL_DECODE_SAMPLES = 64000
 _POOL_LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 # Set in pool threads, so that work submitted from inside one runs inline instead of waiting
