@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -355,7 +356,7 @@ def train_step(
             cached = [model(c).float() for c in chunks]
         for i, chunk in enumerate(chunks):
             # Gradients are synchronised once, on the last micro-batch.
-            ctx = accelerator.no_sync(model) if i < accum - 1 else _null()
+            ctx = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
             with ctx, accelerator.autocast():
                 emb = torch.cat(cached[:i] + [model(chunk).float()] + cached[i + 1 :])
                 loss = info_nce(emb, anchor_emb, temperature)
@@ -366,13 +367,6 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def anchor_embeddings(anchor: Anchor, batch: dict) -> torch.Tensor:

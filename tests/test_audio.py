@@ -26,6 +26,21 @@ SILENCE_VALUE = (
 ) / audio.IMAGEBIND_STD
 
 
+def _kaldi_fbank(clip: torch.Tensor) -> torch.Tensor:
+    """ImageBind's fbank call on a [channels, samples] clip -> [128, frames]."""
+    return kaldi.fbank(
+        clip,
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_length=25,
+        frame_shift=10,
+    ).T
+
+
 def imagebind_reference(path: Path) -> torch.Tensor:
     """ImageBind's recipe written out plainly, one file, one clip at a time: [3, 1, 128, 204]."""
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -38,17 +53,7 @@ def imagebind_reference(path: Path) -> torch.Tensor:
         start, end = step * i, step * i + 2
         clip = waveform[:, int(start * 16000) : int(end * 16000)]
         clip -= clip.mean()  # in place: the views overlap, so later clips see this shift
-        feats = kaldi.fbank(
-            clip,
-            htk_compat=True,
-            sample_frequency=16000,
-            use_energy=False,
-            window_type="hanning",
-            num_mel_bins=128,
-            dither=0.0,
-            frame_length=25,
-            frame_shift=10,
-        ).T
+        feats = _kaldi_fbank(clip)
         if feats.shape[1] < 204:
             feats = torch.nn.functional.pad(feats, (0, 204 - feats.shape[1]))
         feats = feats[:, :204]
@@ -243,17 +248,7 @@ def test_options_change_shape(long_file, compat):
 def test_fbank_matches_kaldi():
     torch.manual_seed(0)
     clip = torch.randn(32000) * 0.1 + 0.05
-    expected = kaldi.fbank(
-        (clip - clip.mean()).unsqueeze(0),
-        htk_compat=True,
-        sample_frequency=16000,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=128,
-        dither=0.0,
-        frame_length=25,
-        frame_shift=10,
-    ).T
+    expected = _kaldi_fbank((clip - clip.mean()).unsqueeze(0))
     out = audio.fbank(clip)
     assert out.shape == (1, 128, 204)
     torch.testing.assert_close(

@@ -195,8 +195,3 @@ def build_scenes(cfg, anchor, spec) -> DatasetBundle:
             "test_scenes": len(bundles[1]),
         },
     )
-
-
-def scene_captions(labels: torch.Tensor, g: torch.Generator) -> list[str]:
-    picks = torch.randint(len(SHAPE_TEMPLATES), (len(labels),), generator=g)
-    return [SHAPE_TEMPLATES[int(t)].format(SHAPES[int(lbl)]) for t, lbl in zip(picks, labels)]
