@@ -385,6 +385,35 @@ def test_formats(fsdd, tmp_path, suffix, subtype, compat):
         torch.testing.assert_close(out, imagebind([wav_path], compat=compat), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("suffix", "subtype"),
+    [
+        ("wav", "PCM_U8"),
+        ("wav", "PCM_16"),
+        ("wav", "PCM_24"),
+        ("wav", "PCM_32"),
+        ("flac", "PCM_S8"),
+        ("flac", "PCM_16"),
+        ("flac", "PCM_24"),
+        ("aiff", "PCM_16"),
+        ("aiff", "PCM_32"),
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_integer_pcm_reads_equal_libsndfile_float(tmp_path, suffix, subtype, channels):
+    # read_audio reads integer PCM as integers and scales it itself; the numbers must be the
+    # ones soundfile gives for dtype="float32", extremes included.
+    rng = np.random.default_rng(channels)
+    data = rng.uniform(-1, 1, (3000, channels))
+    data[:2] = [[-1.0] * channels, [1 - 1e-9] * channels]
+    path = tmp_path / f"clip.{suffix}"
+    sf.write(path, data, 44100, subtype=subtype)
+    expected, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    wav, rate = audio.read_audio(path)
+    assert rate == 44100 and wav.dtype == torch.float32
+    assert np.array_equal(wav.numpy(), expected.T)
+
+
 def test_spec_augment_masks_one_band_per_clip():
     feats = torch.randn(4, 3, 1, 128, 204) + 5  # no zeros before masking
     generator = torch.Generator().manual_seed(0)
