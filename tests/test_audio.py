@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -435,3 +438,33 @@ def test_spec_augment_masks_one_band_per_clip():
     columns = (timed.reshape(-1, 128, 204) == 0).all(dim=1).sum(dim=1)
     assert columns.max() <= 20 and columns.max() > 0
     assert torch.equal(audio.spec_augment(feats, freq_mask=0), feats)
+
+
+def test_preprocess_bench_reports_identical_output(fsdd):
+    # The speed figures come from bench/audio_preprocess.py; here only its output contract and
+    # the equality it checks (timings on a shared machine are not asserted).
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/audio_preprocess.py", str(FSDD), "--limit", "12", "--repeat", "1"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["files"] == 12 and result["clips"] == 36
+    assert result["max_abs_diff"] == 0.0
+    for key in ("clips_per_second", "reference_clips_per_second", "ratio"):
+        assert result[key] > 0
+    assert result["ratio_median_of_rounds"] == result["ratio"]  # one round: the same ratio
+
+
+def test_make_long_audio_writes_esc50_shaped_files(fsdd, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/make_long_audio.py", str(FSDD), str(tmp_path), "--count", "2"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = sorted(tmp_path.glob("*.wav"))
+    assert [p.name for p in written] == ["000.wav", "001.wav"]
+    for path in written:
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels, info.frames) == (44100, 1, 5 * 44100)
+        assert info.subtype == "PCM_16"
+    # Not silence: real recordings joined end to end.
+    assert np.abs(sf.read(str(written[0]))[0]).max() > 0.05

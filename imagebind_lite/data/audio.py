@@ -36,7 +36,9 @@ cached per rate pair: built in float64 in default mode (as ``torchaudio.transfor
 in float32 in imagebind mode (as ``torchaudio.functional.resample``, up to 6e-4 apart after
 normalising).
 
-Speed: the fbank is computed for groups of ~1000 frames from many clips and files at once, in
+Speed: integer PCM (WAV, FLAC, AIFF) is read as integers and scaled by an exact power of two,
+the same float32 values libsndfile returns at a third of its conversion cost; the fbank is
+computed for groups of ~1000 frames from many clips and files at once, in
 per-thread reusable buffers (about 10 MB per thread), with the mel filters, window and resampling
 kernels cached; :func:`load_and_transform_audio` spreads files over a thread pool. Every step is
 the same floating-point operation, in the same order, as ``torchaudio.compliance.kaldi.fbank``
