@@ -171,8 +171,7 @@ def read_audio(source: str | Path | BinaryIO) -> tuple[torch.Tensor, int]:
     if sample_rate <= 0:
         raise AudioReadError(f"{name}: invalid sample rate {sample_rate}")
     if integer:
-        # Scaling by a power of two is exact, so this equals libsndfile's own float
-        # conversion bit for bit, at a third of its cost; and integers are never NaN.
+        # Exact (see _INTEGER_READS), and integers are never NaN: no finiteness scan.
         data = np.multiply(data, np.float32(integer[1]), dtype=np.float32)
     # A float64 sum of float32 samples cannot overflow, so it is finite exactly when every
     # sample is, and costs a fraction of an elementwise check.
@@ -449,7 +448,7 @@ def _features_into_unique(
             while i < last:
                 # A run of equally long clips in consecutive rows (the clips of one file, or
                 # files of equal length) is copied and padded with one op each: every torch
-                # call hands the GIL to the other worker and back, so fewer calls scale better.
+                # call releases and retakes the GIL, which the other worker may be waiting for.
                 count = frames[i].shape[0]
                 end = i + 1
                 while (
