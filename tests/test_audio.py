@@ -468,3 +468,46 @@ def test_make_long_audio_writes_esc50_shaped_files(fsdd, tmp_path):
         assert info.subtype == "PCM_16"
     # Not silence: real recordings joined end to end.
     assert np.abs(sf.read(str(written[0]))[0]).max() > 0.05
+
+
+@pytest.fixture
+def mel_plan_reprobed():
+    audio._banded_mel_plan.cache_clear()
+    yield
+    audio._banded_mel_plan.cache_clear()
+
+
+def test_banded_mel_product_equals_dense_product_bit_for_bit(fsdd, mel_plan_reprobed):
+    steps = audio._banded_mel_plan(16000, 128)
+    if steps is None:
+        pytest.skip("this BLAS sums the banded product differently: the dense product is used")
+    # Real power spectra: frames of spoken digits as kaldi windows them.
+    size, shift, padded, window, banks_t = audio._fbank_constants(16000, 128)
+    wav, rate = audio.read_audio(fsdd[0])
+    signal = audio.resample(wav, rate, 16000, imagebind=True)[0]
+    frames = audio._frames(signal - signal.mean(), size, shift)
+    frames = (frames - frames.mean(dim=1, keepdim=True)) * window
+    power = torch.fft.rfft(frames, n=padded).abs().pow(2)
+    assert power.shape[0] >= audio._MEL_MIN_ROWS
+    banded = audio._mel_product(power, banks_t, steps, torch.empty(power.shape[0], 128))
+    assert torch.equal(banded, torch.mm(power, banks_t))
+    covered = sum(hi - lo for _, _, spans in steps for lo, hi in spans) * audio._MEL_GROUP
+    assert covered < banks_t.numel() / 3  # the point of it: a fraction of the dense work
+
+
+def test_features_identical_with_and_without_banded_mel(
+    fsdd, tmp_path, monkeypatch, mel_plan_reprobed
+):
+    data, rate = concat_fsdd(fsdd, 5.0)
+    path = tmp_path / "esc50_like.wav"
+    sf.write(
+        path, AF.resample(torch.from_numpy(data), rate, 44100).numpy(), 44100, subtype="PCM_16"
+    )
+    files = [path, *fsdd[:3]]
+    fast = imagebind(files)
+    monkeypatch.setattr(audio, "_MEL_SPLIT_CANDIDATES", ())  # no candidate passes: dense
+    audio._banded_mel_plan.cache_clear()
+    assert audio._banded_mel_plan(16000, 128) is None
+    dense = imagebind(files)
+    assert torch.equal(fast, dense)
+    assert torch.equal(dense[0], imagebind_reference(path))
