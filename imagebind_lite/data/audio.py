@@ -339,31 +339,36 @@ _MEL_MIN_ROWS = 16  # fewer rows take another BLAS path; the dense product is ch
 
 
 def _mel_steps(banks_t: torch.Tensor, split: int | None) -> list:
-    """(first filter, end filter, [(first bin, end bin), ...]) per group of _MEL_GROUP filters."""
+    """(first filter, filters, [(first bin, bins, filter block), ...]) per group of filters.
+
+    The blocks of ``banks_t`` are sliced here once: each slice is a Python call holding the
+    GIL that the other workers wait for.
+    """
     covered = banks_t != 0
     steps = []
     for first in range(0, banks_t.shape[1], _MEL_GROUP):
         end = min(first + _MEL_GROUP, banks_t.shape[1])
         used = covered[:, first:end].any(dim=1).nonzero().flatten()
         if used.numel() == 0:
-            steps.append((first, end, []))  # filters narrower than a bin: the product is 0
+            steps.append((first, end - first, []))  # filters narrower than a bin: product 0
             continue
         lo, hi = int(used[0]), int(used[-1]) + 1
         cuts = [lo, *(c for c in range(split or hi, hi, split or 1) if c > lo), hi]
-        steps.append((first, end, list(zip(cuts[:-1], cuts[1:]))))
+        spans = [(a, b - a, banks_t[a:b, first:end]) for a, b in zip(cuts[:-1], cuts[1:])]
+        steps.append((first, end - first, spans))
     return steps
 
 
-def _mel_product(power: torch.Tensor, banks_t: torch.Tensor, steps, out: torch.Tensor):
-    for first, end, spans in steps:
-        target = out[:, first:end]
+def _mel_product(power: torch.Tensor, steps, out: torch.Tensor) -> torch.Tensor:
+    for first, filters, spans in steps:
+        target = out.narrow(1, first, filters)
         if not spans:
             target.zero_()
             continue
-        (lo, hi), *rest = spans
-        torch.mm(power[:, lo:hi], banks_t[lo:hi, first:end], out=target)
-        for lo, hi in rest:
-            target.addmm_(power[:, lo:hi], banks_t[lo:hi, first:end])
+        (lo, bins, block), *rest = spans
+        torch.mm(power.narrow(1, lo, bins), block, out=target)
+        for lo, bins, block in rest:
+            target.addmm_(power.narrow(1, lo, bins), block)
     return out
 
 
@@ -383,7 +388,7 @@ def _banded_mel_plan(sample_rate: int, num_mel_bins: int):
             steps = _mel_steps(banks_t, split)
             if all(
                 torch.equal(
-                    _mel_product(probe[:rows], banks_t, steps, torch.empty(rows, num_mel_bins)),
+                    _mel_product(probe[:rows], steps, torch.empty(rows, num_mel_bins)),
                     torch.mm(probe[:rows], banks_t),
                 )
                 for rows in (_MEL_MIN_ROWS, 203, 1100)
@@ -455,7 +460,7 @@ def _log_mel(frames: list[torch.Tensor], sample_rate: int, num_mel_bins: int) ->
     if steps is None:
         torch.mm(power, banks_t, out=energies)
     else:
-        _mel_product(power, banks_t, steps, energies)
+        _mel_product(power, steps, energies)
     return energies.clamp_min_(_EPSILON_VALUE).log_()
 
 
