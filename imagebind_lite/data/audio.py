@@ -61,6 +61,7 @@ loads (check it with :func:`is_silent`) and gives the log floor, -1.2776 after n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import math
 import os
@@ -270,34 +271,43 @@ def _options(options: dict | None) -> dict:
 
 
 def _clip_signals(
-    wav: torch.Tensor, sample_rate: int, o: dict, owned: bool = False
+    wav: torch.Tensor, sample_rate: int, o: dict, owned: bool = False, lock=None
 ) -> list[torch.Tensor]:
     """[channels, samples] -> one mean-removed 1-D signal per clip at ``o["sample_rate"]``.
 
     ``owned``: the caller lets imagebind mode shift ``wav`` in place (saves a copy).
+    ``lock``: held while the clips are cut (after resampling), see _transform_files.
     """
     sr = int(o["sample_rate"])
     if o["compat"] == "imagebind":
         resampled = resample(wav, sample_rate, sr, imagebind=True)
         wav = resampled.clone() if resampled is wav and not owned else resampled
-        signals, previous = [], None
-        for begin, end in imagebind_clip_bounds(
-            wav.shape[1], sr, o["clip_duration"], o["num_clips"]
-        ):
-            view = wav[:, begin:end]
-            # In place on purpose: ImageBind's clips are views, so overlapping clips see the
-            # shift of earlier ones. The copy freezes channel 0 before the next clip shifts it.
-            shift = view.mean()
-            view -= shift
-            if previous is not None and previous[0] == (begin, end) and shift.item() == 0.0:
-                # The same samples, left exactly as they were (a file shorter than a clip gives
-                # identical clips): share the signal so its fbank is computed once.
-                signals.append(previous[1])
-                continue
-            signals.append(view[0].clone())
-            previous = ((begin, end), signals[-1])
-        return signals
+        with lock or contextlib.nullcontext():
+            return _imagebind_clips(wav, sr, o)
     mono = resample(wav.mean(dim=0), sample_rate, sr)
+    with lock or contextlib.nullcontext():
+        return _default_clips(mono, sr, o)
+
+
+def _imagebind_clips(wav: torch.Tensor, sr: int, o: dict) -> list[torch.Tensor]:
+    signals, previous = [], None
+    for begin, end in imagebind_clip_bounds(wav.shape[1], sr, o["clip_duration"], o["num_clips"]):
+        view = wav[:, begin:end]
+        # In place on purpose: ImageBind's clips are views, so overlapping clips see the
+        # shift of earlier ones. The copy freezes channel 0 before the next clip shifts it.
+        shift = view.mean()
+        view -= shift
+        if previous is not None and previous[0] == (begin, end) and shift.item() == 0.0:
+            # The same samples, left exactly as they were (a file shorter than a clip gives
+            # identical clips): share the signal so its fbank is computed once.
+            signals.append(previous[1])
+            continue
+        signals.append(view[0].clone())
+        previous = ((begin, end), signals[-1])
+    return signals
+
+
+def _default_clips(mono: torch.Tensor, sr: int, o: dict) -> list[torch.Tensor]:
     clip_samples = int(o["clip_duration"] * sr)
     signals, seen = [], {}
     for start in clip_starts(mono.numel() / sr, o["clip_duration"], o["num_clips"]):
@@ -611,17 +621,18 @@ def _transform_files(paths: Sequence, out: torch.Tensor, o: dict) -> list[str]:
     """Fill ``out`` [len(paths), clips, 1, mel, target]; return padding warnings to emit."""
     signals = []
     for path in paths:
-        # Decoding a short file is mostly Python-level calls into soundfile and torch, each of
-        # which drops and retakes the GIL; two workers doing that at once hand the GIL back and
-        # forth and both slow down. One decoder at a time, while the other worker runs the
-        # GIL-free batched fbank, was 15% faster on FSDD. A long file's resampling is heavy
+        # Decoding and cutting clips are many short Python-level calls into soundfile and
+        # torch, each of which drops and retakes the GIL; two workers doing that at once hand
+        # the GIL back and forth (a 1 us torch call takes 6-15 us) and both slow down. One
+        # worker at a time in those phases, while the other runs the GIL-free batched fbank,
+        # was 15% faster on FSDD and 5% on 10 s files. A long file's resampling is heavy
         # GIL-free work, so it runs outside the lock (holding it cost 20% on 5 s files).
         with _DECODE_LOCK:
             wav, rate = read_audio(path)
             if wav.numel() <= _SERIAL_DECODE_SAMPLES:
                 signals.extend(_clip_signals(wav, rate, o, owned=True))
                 continue
-        signals.extend(_clip_signals(wav, rate, o, owned=True))
+        signals.extend(_clip_signals(wav, rate, o, owned=True, lock=_DECODE_LOCK))
     flat = out.view(-1, *out.shape[2:])
     flagged = _features_into(flat, signals, o)
     if o["compat"] != "imagebind" or not flagged:
