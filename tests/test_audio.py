@@ -511,3 +511,23 @@ def test_features_identical_with_and_without_banded_mel(
     dense = imagebind(files)
     assert torch.equal(fast, dense)
     assert torch.equal(dense[0], imagebind_reference(path))
+
+
+def test_log_mel_workspace_survives_growing_and_shrinking_groups(fsdd):
+    # The fbank keeps per-thread buffers and slices of them per group size; a bigger group
+    # replaces the buffers, and slices made for the old ones must not be reused.
+    signals = []
+    for path in fsdd[:3]:
+        wav, rate = audio.read_audio(path)
+        signal = audio.resample(wav, rate, 16000, imagebind=True)[0]
+        signals.append(signal - signal.mean())
+    size, shift, *_ = audio._fbank_constants(16000, 128)
+    small = [audio._frames(signals[0], size, shift)]
+    big = [audio._frames(s, size, shift) for s in signals] * 40  # > any earlier buffer
+    expected_small = _kaldi_fbank(signals[0].unsqueeze(0)).T
+    first = audio._log_mel(small, 16000, 128).clone()
+    grown = audio._log_mel(big, 16000, 128).clone()
+    again = audio._log_mel(small, 16000, 128).clone()
+    assert torch.equal(first, expected_small) and torch.equal(again, expected_small)
+    expected_big = torch.cat([_kaldi_fbank(s.unsqueeze(0)).T for s in signals] * 40)
+    assert torch.equal(grown, expected_big)
