@@ -369,17 +369,26 @@ def _mel_steps(banks_t: torch.Tensor, split: int | None) -> list:
     return steps
 
 
-def _mel_product(power: torch.Tensor, steps, out: torch.Tensor) -> torch.Tensor:
+def _mel_ops(power: torch.Tensor, energies: torch.Tensor, steps) -> list:
+    """(power columns, filter block, energy columns, accumulate?) for each product of a plan."""
+    ops = []
     for first, filters, spans in steps:
-        target = out.narrow(1, first, filters)
+        target = energies.narrow(1, first, filters)
         if not spans:
+            ops.append((None, None, target, False))
+        for index, (lo, width, block) in enumerate(spans):
+            ops.append((power.narrow(1, lo, width), block, target, index > 0))
+    return ops
+
+
+def _run_mel(ops) -> None:
+    for power, block, target, accumulate in ops:
+        if block is None:
             target.zero_()
-            continue
-        (lo, bins, block), *rest = spans
-        torch.mm(power.narrow(1, lo, bins), block, out=target)
-        for lo, bins, block in rest:
-            target.addmm_(power.narrow(1, lo, bins), block)
-    return out
+        elif accumulate:
+            target.addmm_(power, block)
+        else:
+            torch.mm(power, block, out=target)
 
 
 @functools.lru_cache(maxsize=16)
@@ -397,14 +406,17 @@ def _banded_mel_plan(sample_rate: int, num_mel_bins: int):
         for split in _MEL_SPLIT_CANDIDATES:
             steps = _mel_steps(banks_t, split)
             if all(
-                torch.equal(
-                    _mel_product(probe[:rows], steps, torch.empty(rows, num_mel_bins)),
-                    torch.mm(probe[:rows], banks_t),
-                )
+                _banded_equals_dense(probe[:rows], banks_t, steps)
                 for rows in (_MEL_MIN_ROWS, 203, 1100)
             ):
                 return steps
     return None
+
+
+def _banded_equals_dense(power: torch.Tensor, banks_t: torch.Tensor, steps) -> bool:
+    banded = torch.empty(power.shape[0], banks_t.shape[1])
+    _run_mel(_mel_ops(power, banded, steps))
+    return torch.equal(banded, torch.mm(power, banks_t))
 
 
 def _frames(signal: torch.Tensor, size: int, shift: int) -> torch.Tensor:
@@ -459,16 +471,7 @@ def _log_mel_views(count: int, sample_rate: int, num_mel_bins: int) -> SimpleNam
     v.imag = ws.get("imag", count, bins)
     v.energies = ws.get("energies", count, num_mel_bins)
     steps = _banded_mel_plan(sample_rate, num_mel_bins) if count >= _MEL_MIN_ROWS else None
-    # (power columns, filter block, energy columns, accumulate) per product, or None: dense.
-    v.mel = None
-    if steps is not None:
-        v.mel = []
-        for first, filters, spans in steps:
-            target = v.energies.narrow(1, first, filters)
-            if not spans:
-                v.mel.append((None, None, target, False))
-            for index, (lo, width, block) in enumerate(spans):
-                v.mel.append((v.power.narrow(1, lo, width), block, target, index > 0))
+    v.mel = None if steps is None else _mel_ops(v.power, v.energies, steps)  # None: dense
     if len(ws.views) >= _CACHED_GROUP_SHAPES:
         ws.views.pop(next(iter(ws.views)))
     ws.views[key] = v
@@ -503,13 +506,8 @@ def _log_mel(frames: list[torch.Tensor], sample_rate: int, num_mel_bins: int) ->
     torch.hypot(v.power, v.imag, out=v.power).pow_(2.0)
     if v.mel is None:
         torch.mm(v.power, banks_t, out=v.energies)
-    for power, block, target, accumulate in v.mel or ():
-        if block is None:
-            target.zero_()
-        elif accumulate:
-            target.addmm_(power, block)
-        else:
-            torch.mm(power, block, out=target)
+    else:
+        _run_mel(v.mel)
     return v.energies.clamp_min_(_EPSILON_VALUE).log_()
 
 
