@@ -432,7 +432,7 @@ class _Workspace(threading.local):
     Fresh multi-megabyte temporaries cost page faults on every chunk, and page faults from
     several threads serialise in the kernel; reuse keeps the fbank compute-bound. ``views``
     keeps the slices of those buffers that a group of a given size needs: each slice is a
-    Python call, and with two workers a 1 us call that waits for the GIL takes 6-15 us.
+    Python call, and with two workers a 1-4 us call that waits for the GIL takes 6-15 us.
     """
 
     def __init__(self) -> None:
@@ -661,7 +661,7 @@ def _transform_files(paths: Sequence, out: torch.Tensor, o: dict) -> list[str]:
     for path in paths:
         # Decoding and cutting clips are many short Python-level calls into soundfile and
         # torch, each of which drops and retakes the GIL; two workers doing that at once hand
-        # the GIL back and forth (a 1 us torch call takes 6-15 us) and both slow down. One
+        # the GIL back and forth (a 1-4 us torch call takes 6-15 us) and both slow down. One
         # worker at a time in those phases, while the other runs the GIL-free batched fbank,
         # was 15% faster on FSDD and 5% on 10 s files. A long file's resampling is heavy
         # GIL-free work, so it runs outside the lock (holding it cost 20% on 5 s files).
