@@ -530,3 +530,20 @@ def test_log_mel_workspace_survives_growing_and_shrinking_groups(fsdd):
     assert torch.equal(first, expected_small) and torch.equal(again, expected_small)
     expected_big = torch.cat([_kaldi_fbank(s.unsqueeze(0)).T for s in signals] * 40)
     assert torch.equal(grown, expected_big)
+
+
+def test_log_mel_exact_after_another_sample_rate_in_the_same_thread():
+    # Each frame length lays the shared FFT buffer out differently; the zero padding of one
+    # must not be left holding samples written for another.
+    generator = torch.Generator().manual_seed(0)
+    clip_16k = torch.randn(32000, generator=generator) * 0.1
+    clip_32k = torch.randn(8000, generator=generator) * 0.1
+
+    def log_mel(clip, rate):
+        size, shift, *_ = audio._fbank_constants(rate, 128)
+        return audio._log_mel([audio._frames(clip - clip.mean(), size, shift)], rate, 128).clone()
+
+    expected = _kaldi_fbank((clip_16k - clip_16k.mean()).unsqueeze(0)).T
+    assert torch.equal(log_mel(clip_16k, 16000), expected)
+    log_mel(clip_32k, 32000)
+    assert torch.equal(log_mel(clip_16k, 16000), expected)

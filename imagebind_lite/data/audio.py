@@ -463,8 +463,7 @@ def _log_mel_views(count: int, sample_rate: int, num_mel_bins: int) -> SimpleNam
     v = SimpleNamespace()
     v.centred = ws.get("frames", count, size)
     fft_in = v.fft_in = ws.get("fft_in", count, padded)
-    fft_in[:, size:].zero_()  # nothing else writes these columns: zeroed once per view set
-    v.emphasised = fft_in[:, :size]
+    v.emphasised, v.fft_padding = fft_in[:, :size], fft_in[:, size:]
     v.centred_body, v.centred_head = v.centred[:, :-1], v.centred[:, :1]
     v.emphasised_body, v.emphasised_head = v.emphasised[:, 1:], v.emphasised[:, :1]
     v.power = ws.get("power", count, bins)
@@ -492,6 +491,9 @@ def _log_mel(frames: list[torch.Tensor], sample_rate: int, num_mel_bins: int) ->
     v = _log_mel_views(sum(f.shape[0] for f in frames), sample_rate, num_mel_bins)
     centred = torch.cat(frames, out=v.centred)
     centred -= torch.mean(centred, dim=1, keepdim=True)
+    # Zeroed on every call: another frame length (sample rate) lays the same buffer out in
+    # other rows and writes where these columns were.
+    v.fft_padding.zero_()
     torch.mul(v.centred_body, _PREEMPHASIS, out=v.emphasised_body)
     torch.mul(v.centred_head, _PREEMPHASIS, out=v.emphasised_head)
     torch.sub(centred, v.emphasised, out=v.emphasised)
@@ -786,7 +788,7 @@ def load_and_transform_audio(
     paths = list(paths)
     # Plain memory: MADV_HUGEPAGE here once saved page faults, but with the kernel's default
     # THP defrag policy a fragmented machine compacts memory inside those faults, which made
-    # whole calls 20% slower on 10 s files (docs/speed.md).
+    # whole calls 21% slower on 10 s files (docs/speed.md).
     out = torch.empty(len(paths), o["num_clips"], 1, o["num_mel_bins"], o["target_length"])
     workers = default_num_workers() if num_workers is None else max(1, int(num_workers))
     if not paths:
