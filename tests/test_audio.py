@@ -29,15 +29,15 @@ SILENCE_VALUE = (
 ) / audio.IMAGEBIND_STD
 
 
-def _kaldi_fbank(clip: torch.Tensor) -> torch.Tensor:
-    """ImageBind's fbank call on a [channels, samples] clip -> [128, frames]."""
+def _kaldi_fbank(clip: torch.Tensor, rate: int = 16000, mel_bins: int = 128) -> torch.Tensor:
+    """ImageBind's fbank call on a [channels, samples] clip -> [mel_bins, frames]."""
     return kaldi.fbank(
         clip,
         htk_compat=True,
-        sample_frequency=16000,
+        sample_frequency=rate,
         use_energy=False,
         window_type="hanning",
-        num_mel_bins=128,
+        num_mel_bins=mel_bins,
         dither=0.0,
         frame_length=25,
         frame_shift=10,
@@ -547,3 +547,18 @@ def test_log_mel_exact_after_another_sample_rate_in_the_same_thread():
     assert torch.equal(log_mel(clip_16k, 16000), expected)
     log_mel(clip_32k, 32000)
     assert torch.equal(log_mel(clip_16k, 16000), expected)
+
+
+@pytest.mark.parametrize(
+    ("rate", "mel_bins"), [(8000, 128), (8000, 256), (22050, 64), (44100, 128)]
+)
+def test_log_mel_exact_at_other_rates_and_mel_bins(rate, mel_bins):
+    # The fbank stores the power spectrum and energies in the FFT input buffer when they fit
+    # beside each other (16 kHz, 128 bins) and in a buffer of their own when they do not
+    # (8 kHz: 129 + 128 > 256); both layouts must equal kaldi bit for bit.
+    clip = torch.randn(rate * 2, generator=torch.Generator().manual_seed(rate)) * 0.1
+    clip -= clip.mean()
+    size, shift, *_ = audio._fbank_constants(rate, mel_bins)
+    got = audio._log_mel([audio._frames(clip, size, shift)] * 2, rate, mel_bins)
+    expected = _kaldi_fbank(clip.unsqueeze(0), rate, mel_bins).T
+    assert torch.equal(got, torch.cat([expected, expected]))
