@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 import torchaudio.functional as AF
 from torchaudio.compliance import kaldi
 
@@ -562,3 +563,40 @@ def test_log_mel_exact_at_other_rates_and_mel_bins(rate, mel_bins):
     got = audio._log_mel([audio._frames(clip, size, shift)] * 2, rate, mel_bins)
     expected = _kaldi_fbank(clip.unsqueeze(0), rate, mel_bins).T
     assert torch.equal(got, torch.cat([expected, expected]))
+
+
+# Short, odd and 10 s lengths, and (below) the two sides of torch's switch from its own GEMM
+# convolution to oneDNN for one signal, at 20480 padded samples in torch 2.14.
+RESAMPLE_LENGTHS = (1, 40, 401, 4807, 48001, 160003)
+
+
+def _resample_lengths(module) -> list[int]:
+    padding = 2 * module.width + module.orig_freq // module.gcd
+    return [*RESAMPLE_LENGTHS, 20480 - padding, 20481 - padding]
+
+
+@pytest.mark.parametrize("orig", [48000, 32000, 8000, 24000, 44100])
+def test_resample_equals_torchaudio_bit_for_bit(orig):
+    # Where the wide (several conv steps at once) kernel is used, it must not move a bit.
+    generator = torch.Generator().manual_seed(orig)
+    default_mode = torchaudio.transforms.Resample(orig, 16000)
+    for length in _resample_lengths(audio._resampler(orig, 16000, True)):
+        for channels in (1, 2):
+            x = torch.randn(channels, length, generator=generator)
+            got = audio.resample(x, orig, 16000, imagebind=True)
+            assert torch.equal(got, AF.resample(x, orig, 16000)), (orig, length, channels)
+            assert torch.equal(audio.resample(x, orig, 16000), default_mode(x))
+
+
+@pytest.mark.parametrize("orig", [48000, 8000])
+def test_wide_resampling_kernel_equals_torchaudios(orig):
+    module = audio._resampler(orig, 16000, True)
+    wide = audio._polyphase_kernel(orig, 16000, True)
+    if wide is None:
+        pytest.skip("oneDNN on this CPU sums the wide kernel in another order; it is not used")
+    assert wide[0].shape[0] == 16  # one full block of output channels
+    generator = torch.Generator().manual_seed(1)
+    for length in _resample_lengths(module):
+        x = torch.randn(2, length, generator=generator)  # two signals: oneDNN at any length
+        direct = audio._convolve(x, module)
+        assert torch.equal(audio._convolve(x, module, wide)[:, : direct.shape[1]], direct)

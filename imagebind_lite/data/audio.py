@@ -214,19 +214,107 @@ def resample(wav: torch.Tensor, orig: int, new: int, imagebind: bool = False) ->
     module = _resampler(int(orig), int(new), bool(imagebind))
     if not wav.is_floating_point():
         return module(wav)  # torchaudio's own error message
-    # torchaudio's kernel application step by step (pad, strided conv1d, interleave, trim), so
-    # results stay bit-identical; inlined because its Python overhead per call rivals the
-    # convolution itself on short clips.
-    step_in, step_out = module.orig_freq // module.gcd, module.new_freq // module.gcd
     shape, length = wav.shape, wav.shape[-1]
     flat = wav.reshape(-1, length)
-    with torch.no_grad():
-        padded = torch.nn.functional.pad(flat, (module.width, module.width + step_in))
-        out = torch.nn.functional.conv1d(padded[:, None], module.kernel, stride=step_in)
-        out = out.transpose(1, 2).reshape(flat.shape[0], -1)
+    # Short signals keep torchaudio's kernel: choosing the wide one costs more than it saves.
+    wide = flat.numel() >= _WIDE_KERNEL_MIN_SAMPLES
+    polyphase = _polyphase_kernel(int(orig), int(new), bool(imagebind)) if wide else None
+    out = _convolve(flat, module, polyphase)
     # torchaudio rounds the output length through a float32 tensor before ceil; so does this.
+    step_in, step_out = module.orig_freq // module.gcd, module.new_freq // module.gcd
     keep = math.ceil(float(np.float32(step_out * length / step_in)))
     return out[..., :keep].view(*shape[:-1], -1)
+
+
+def _convolve(flat: torch.Tensor, module, polyphase=None) -> torch.Tensor:
+    """torchaudio's kernel application: pad, strided conv1d, interleave the output phases.
+
+    Inlined from torchaudio, because its Python overhead per call rivals the convolution
+    itself on short clips. ``polyphase``: :func:`_polyphase_kernel`'s (kernel, steps), used
+    when both convolutions run on oneDNN; each of its conv steps computes that many
+    consecutive steps of torchaudio's, and the last may read zeros past torchaudio's padding,
+    giving outputs that the caller cuts off with the rest.
+    """
+    step_in = module.orig_freq // module.gcd
+    kernel, steps = module.kernel, 1
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(flat, (module.width, module.width + step_in))[:, None]
+        if polyphase is not None and _on_onednn(padded, kernel, step_in):
+            wide, wide_steps = polyphase
+            conv_steps = (padded.shape[-1] - kernel.shape[-1]) // step_in + 1
+            covered = (
+                wide.shape[-1] + (math.ceil(conv_steps / wide_steps) - 1) * wide_steps * step_in
+            )
+            extended = torch.nn.functional.pad(padded, (0, max(0, covered - padded.shape[-1])))
+            if _on_onednn(extended, wide, step_in * wide_steps):
+                padded, kernel, steps = extended, wide, wide_steps
+        out = torch.nn.functional.conv1d(padded, kernel, stride=step_in * steps)
+        return out.transpose(1, 2).reshape(flat.shape[0], -1)
+
+
+# oneDNN computes a convolution's output channels in vector blocks of 16 (AVX-512) and pads a
+# smaller count up to a block. torchaudio's kernel has one output channel per output phase
+# (new / gcd): one for 48 or 32 -> 16 kHz, so 15/16 of that convolution is thrown away. The
+# same outputs come from a kernel holding S shifted copies of torchaudio's, one per
+# consecutive conv step, applied with S times the stride: its output channel
+# s * phases + c at step t is torchaudio's channel c at step t * S + s, and the usual
+# interleave puts it in place. The shifts add zero taps, which leave a sum unchanged (0 * x
+# adds exactly 0), so the bits stay the same where oneDNN accumulates every output over the
+# taps in the same order for both shapes: _polyphase_kernel checks that at first use. torch
+# runs small single-signal convolutions on its own im2col + GEMM path instead, which sums
+# in another order, so the wide kernel is used only where torch picks oneDNN for both.
+# 48 -> 16 kHz: 2.8x faster (1.24 -> 0.44 ms per 10 s).
+_CONV_CHANNEL_BLOCK = 16
+_WIDE_KERNEL_MIN_SAMPLES = 16384
+_SELECT_CONV_BACKEND = getattr(torch._C, "_select_conv_backend", None)
+
+
+def _on_onednn(padded: torch.Tensor, kernel: torch.Tensor, stride: int) -> bool:
+    """Whether torch runs this conv1d on oneDNN (private API; False if it is missing)."""
+    if _SELECT_CONV_BACKEND is None:
+        return False
+    try:
+        backend = _SELECT_CONV_BACKEND(padded, kernel, None, [stride], [0], [1], False, [0], 1)
+    except (RuntimeError, TypeError):
+        return False
+    return backend.name == "Mkldnn"
+
+
+def _steps_per_conv_step(step_in: int, phases: int, taps: int) -> int:
+    def work_per_output(s: int) -> float:  # multiply-adds, channels rounded up to a block
+        block = _CONV_CHANNEL_BLOCK
+        channels = math.ceil(s * phases / block) * block
+        return channels * (taps + step_in * (s - 1)) / (s * phases)
+
+    return min(range(1, _CONV_CHANNEL_BLOCK + 1), key=work_per_output)
+
+
+@functools.lru_cache(maxsize=32)
+def _polyphase_kernel(orig: int, new: int, float32_kernel: bool):
+    """(kernel, steps) for :func:`_convolve`, or None where torchaudio's kernel is kept."""
+    module = _resampler(orig, new, float32_kernel)
+    kernel = module.kernel
+    phases, _, taps = kernel.shape
+    step_in = module.orig_freq // module.gcd
+    steps = _steps_per_conv_step(step_in, phases, taps)
+    if steps == 1:
+        return None
+    wide = kernel.new_zeros(steps * phases, 1, taps + step_in * (steps - 1))
+    for s in range(steps):
+        wide[s * phases : (s + 1) * phases, :, s * step_in : s * step_in + taps] = kernel
+    # Random signals of lengths that take every tail path (shorter than the kernel, a few
+    # steps, odd lengths, several seconds), mono and stereo; any bit that differs rejects
+    # the wide kernel. (Threads split oneDNN's work by outputs, not within one output's sum.)
+    generator = torch.Generator().manual_seed(0)
+    for length in (1, step_in + 1, taps + 3, orig // 10 + 7, orig + 1, 3 * orig + 5):
+        for channels in (1, 2):
+            signal = torch.randn(channels, length, generator=generator)
+            direct = _convolve(signal, module)
+            if not torch.equal(
+                direct, _convolve(signal, module, (wide, steps))[:, : direct.shape[1]]
+            ):
+                return None
+    return wide, steps
 
 
 def clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[float]:
