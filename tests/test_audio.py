@@ -479,9 +479,10 @@ def mel_plan_reprobed():
 
 
 def test_banded_mel_product_equals_dense_product_bit_for_bit(fsdd, mel_plan_reprobed):
-    steps = audio._banded_mel_plan(16000, 128)
-    if steps is None:
+    plan = audio._banded_mel_plan(16000, 128)
+    if plan is None:
         pytest.skip("this BLAS sums the banded product differently: the dense product is used")
+    mel_major, steps = plan
     # Real power spectra: frames of spoken digits as kaldi windows them.
     size, shift, padded, window, banks_t = audio._fbank_constants(16000, 128)
     wav, rate = audio.read_audio(fsdd[0])
@@ -490,7 +491,8 @@ def test_banded_mel_product_equals_dense_product_bit_for_bit(fsdd, mel_plan_repr
     frames = (frames - frames.mean(dim=1, keepdim=True)) * window
     power = torch.fft.rfft(frames, n=padded).abs().pow(2)
     assert power.shape[0] >= audio._MEL_MIN_ROWS
-    assert audio._banded_equals_dense(power, banks_t, steps)
+    for layout in {mel_major, False}:  # the chosen layout, and frame-major (kaldi's)
+        assert audio._banded_equals_dense(power, banks_t, steps, layout)
     covered = sum(bins * filters for _, filters, spans in steps for _, bins, _ in spans)
     assert covered < banks_t.numel() / 3  # the point of it: a fraction of the dense work
 
@@ -505,6 +507,10 @@ def test_features_identical_with_and_without_banded_mel(
     )
     files = [path, *fsdd[:3]]
     fast = imagebind(files)
+    monkeypatch.setattr(audio, "_MEL_MAJOR_CANDIDATES", (False,))  # frame-major products
+    audio._banded_mel_plan.cache_clear()
+    if audio._banded_mel_plan(16000, 128) is not None:
+        assert torch.equal(imagebind(files), fast)
     monkeypatch.setattr(audio, "_MEL_SPLIT_CANDIDATES", ())  # no candidate passes: dense
     audio._banded_mel_plan.cache_clear()
     assert audio._banded_mel_plan(16000, 128) is None
@@ -524,12 +530,12 @@ def test_log_mel_workspace_survives_growing_and_shrinking_groups(fsdd):
     size, shift, *_ = audio._fbank_constants(16000, 128)
     small = [audio._frames(signals[0], size, shift)]
     big = [audio._frames(s, size, shift) for s in signals] * 40  # > any earlier buffer
-    expected_small = _kaldi_fbank(signals[0].unsqueeze(0)).T
+    expected_small = _kaldi_fbank(signals[0].unsqueeze(0))
     first = audio._log_mel(small, 16000, 128).clone()
     grown = audio._log_mel(big, 16000, 128).clone()
     again = audio._log_mel(small, 16000, 128).clone()
     assert torch.equal(first, expected_small) and torch.equal(again, expected_small)
-    expected_big = torch.cat([_kaldi_fbank(s.unsqueeze(0)).T for s in signals] * 40)
+    expected_big = torch.cat([_kaldi_fbank(s.unsqueeze(0)) for s in signals] * 40, dim=1)
     assert torch.equal(grown, expected_big)
 
 
@@ -544,7 +550,7 @@ def test_log_mel_exact_after_another_sample_rate_in_the_same_thread():
         size, shift, *_ = audio._fbank_constants(rate, 128)
         return audio._log_mel([audio._frames(clip - clip.mean(), size, shift)], rate, 128).clone()
 
-    expected = _kaldi_fbank((clip_16k - clip_16k.mean()).unsqueeze(0)).T
+    expected = _kaldi_fbank((clip_16k - clip_16k.mean()).unsqueeze(0))
     assert torch.equal(log_mel(clip_16k, 16000), expected)
     log_mel(clip_32k, 32000)
     assert torch.equal(log_mel(clip_16k, 16000), expected)
@@ -561,8 +567,8 @@ def test_log_mel_exact_at_other_rates_and_mel_bins(rate, mel_bins):
     clip -= clip.mean()
     size, shift, *_ = audio._fbank_constants(rate, mel_bins)
     got = audio._log_mel([audio._frames(clip, size, shift)] * 2, rate, mel_bins)
-    expected = _kaldi_fbank(clip.unsqueeze(0), rate, mel_bins).T
-    assert torch.equal(got, torch.cat([expected, expected]))
+    expected = _kaldi_fbank(clip.unsqueeze(0), rate, mel_bins)
+    assert torch.equal(got, torch.cat([expected, expected], dim=1))
 
 
 # Short, odd and 10 s lengths, and (below) the two sides of torch's switch from its own GEMM
