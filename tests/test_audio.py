@@ -168,6 +168,27 @@ def test_imagebind_stereo(fsdd, tmp_path):
     assert diff[1:].max() > 1e-2
 
 
+@pytest.mark.parametrize(
+    ("rate", "seconds", "channels"),
+    [(16000, 10, 2), (16000, 7, 1), (16000, 14, 1), (48000, 10, 1)],
+)
+def test_imagebind_exact_when_clips_do_not_overlap(fsdd, tmp_path, rate, seconds, channels):
+    # From 6 s on, ImageBind's clips are apart and are used as views of the waveform (up to
+    # twice the clips' length; 14 s takes copies); 16 kHz needs no resampling, 48 kHz the
+    # wide resampling kernel.
+    data, source_rate = concat_fsdd(fsdd, seconds)
+    wave = AF.resample(torch.from_numpy(data), source_rate, rate).numpy()
+    if channels == 2:
+        wave = np.stack([wave, 0.5 * wave[::-1] + 0.2], axis=1)
+    path = tmp_path / f"{rate}_{seconds}s.wav"
+    sf.write(path, wave + 0.1, rate, subtype="FLOAT")
+    out = imagebind([path])[0]
+    if channels == 1:
+        assert torch.equal(out, imagebind_reference(path))
+    else:  # a mean over two channels' clip is a threaded sum in ImageBind (module docstring)
+        torch.testing.assert_close(out, imagebind_reference(path), atol=1e-4, rtol=0)
+
+
 def test_imagebind_warns_on_heavy_padding(fsdd):
     with pytest.warns(audio.AudioPaddingWarning, match=fsdd[0].name):
         audio.load_and_transform_audio(fsdd[:1], compat="imagebind")

@@ -380,7 +380,16 @@ def _clip_signals(
 
 def _imagebind_clips(wav: torch.Tensor, sr: int, o: dict) -> list[torch.Tensor]:
     signals, previous = [], None
-    for begin, end in imagebind_clip_bounds(wav.shape[1], sr, o["clip_duration"], o["num_clips"]):
+    bounds = imagebind_clip_bounds(wav.shape[1], sr, o["clip_duration"], o["num_clips"])
+    # Clips that do not overlap (files of at least num_clips * clip_duration) are never shifted
+    # again once cut, so channel 0 of each view can be used as it is, without a copy (4% on
+    # 10 s files). Only while the clips are at least half the waveform: a view keeps all of it
+    # alive until the chunk's fbank is done, which for long recordings would be gigabytes.
+    clip_samples = sum(end - begin for begin, end in bounds)
+    apart = 2 * clip_samples >= wav.numel() and all(
+        begin >= end for (_, end), (begin, _) in zip(bounds, bounds[1:])
+    )
+    for begin, end in bounds:
         view = wav[:, begin:end]
         # In place on purpose: ImageBind's clips are views, so overlapping clips see the
         # shift of earlier ones. The copy freezes channel 0 before the next clip shifts it.
@@ -391,7 +400,7 @@ def _imagebind_clips(wav: torch.Tensor, sr: int, o: dict) -> list[torch.Tensor]:
             # identical clips): share the signal so its fbank is computed once.
             signals.append(previous[1])
             continue
-        signals.append(view[0].clone())
+        signals.append(view[0] if apart else view[0].clone())
         previous = ((begin, end), signals[-1])
     return signals
 
