@@ -477,6 +477,19 @@ def test_preprocess_bench_reports_identical_output(fsdd):
     assert result["ratio_median_of_rounds"] == result["ratio"]  # one round: the same ratio
 
 
+def test_compare_bench_checks_output_against_a_revision(fsdd):
+    # bench/audio_compare.py times this checkout against a git revision's audio module; here
+    # against HEAD, whose output must be identical (timings are not asserted).
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/audio_compare.py", "HEAD", str(FSDD)]
+    cmd += ["--limit", "6", "--rounds", "1"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])[str(FSDD)]
+    assert result["files"] == 6 and result["speedup"] > 0
+    assert "outputs identical" in proc.stdout
+
+
 def test_make_long_audio_writes_esc50_shaped_files(fsdd, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "bench/make_long_audio.py", str(FSDD), str(tmp_path), "--count", "2"]
