@@ -41,10 +41,14 @@ the same float32 values libsndfile returns at a third of its conversion cost; th
 computed for groups of ~1000 frames from many clips and files at once, in
 per-thread reusable buffers (about 5 MB per thread), with the mel filters, window and resampling
 kernels cached, and the mel product restricted to the bins each group of filters covers (a sixth
-of the dense product's work, used only where a probe at first use shows the BLAS gives the same
-bits); :func:`load_and_transform_audio` spreads files over a thread pool. Every step is
-the same floating-point operation, in the same order, as ``torchaudio.compliance.kaldi.fbank``
-and ``torchaudio.functional.resample`` with ImageBind's arguments, so imagebind mode is
+of the dense product's work) and computed mel-major, the features' layout. Rates with few output
+phases (48, 32, 24, 8 kHz) resample with a kernel that computes 16 output samples per
+convolution step, filling oneDNN's 16-channel blocks instead of padding one channel up to 16.
+Both of those rely on the BLAS and oneDNN summing in the same order for another operand shape,
+so each is used only where a probe at first use shows every bit unchanged.
+:func:`load_and_transform_audio` spreads files over a thread pool. Every step is the same
+floating-point operation, in the same order, as ``torchaudio.compliance.kaldi.fbank`` and
+``torchaudio.functional.resample`` with ImageBind's arguments, so imagebind mode is
 bit-identical to ImageBind's per-clip code (max abs diff 0 in ``bench/audio_preprocess.py``,
 all 3000 FSDD files). One caveat, ImageBind's own: the clip mean over more than 32768 samples
 (several channels, or clips over 2.048 s) is a parallel sum whose rounding depends on
@@ -919,9 +923,8 @@ def load_and_transform_audio(
     """
     o = _options(options)
     paths = list(paths)
-    # Plain memory: MADV_HUGEPAGE here once saved page faults, but with the kernel's default
-    # THP defrag policy a fragmented machine compacts memory inside those faults, which made
-    # whole calls 21% slower on 10 s files (docs/speed.md).
+    # Plain memory: MADV_HUGEPAGE here once saved page faults, but made whole calls 21% slower
+    # on 10 s files later, on the same kind of machine (docs/speed.md).
     out = torch.empty(len(paths), o["num_clips"], 1, o["num_mel_bins"], o["target_length"])
     workers = default_num_workers() if num_workers is None else max(1, int(num_workers))
     if not paths:
