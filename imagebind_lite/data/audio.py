@@ -240,18 +240,24 @@ def _convolve(flat: torch.Tensor, module, polyphase=None) -> torch.Tensor:
     giving outputs that the caller cuts off with the rest.
     """
     step_in = module.orig_freq // module.gcd
-    kernel, steps = module.kernel, 1
+    length = flat.shape[-1] + 2 * module.width + step_in  # torchaudio's padded length
+    kernel, steps, extra = module.kernel, 1, 0
+    if polyphase is not None:
+        wide, wide_steps = polyphase
+        conv_steps = (length - kernel.shape[-1]) // step_in + 1
+        covered = wide.shape[-1] + (math.ceil(conv_steps / wide_steps) - 1) * wide_steps * step_in
+        extra = max(0, covered - length)
     with torch.no_grad():
-        padded = torch.nn.functional.pad(flat, (module.width, module.width + step_in))[:, None]
-        if polyphase is not None and _on_onednn(padded, kernel, step_in):
-            wide, wide_steps = polyphase
-            conv_steps = (padded.shape[-1] - kernel.shape[-1]) // step_in + 1
-            covered = (
-                wide.shape[-1] + (math.ceil(conv_steps / wide_steps) - 1) * wide_steps * step_in
-            )
-            extended = torch.nn.functional.pad(padded, (0, max(0, covered - padded.shape[-1])))
-            if _on_onednn(extended, wide, step_in * wide_steps):
-                padded, kernel, steps = extended, wide, wide_steps
+        padded = torch.nn.functional.pad(flat, (module.width, module.width + step_in + extra))
+        padded = padded[:, None]
+        if polyphase is not None:
+            direct = padded[..., :length]
+            if _on_onednn(direct, kernel, step_in) and _on_onednn(
+                padded, wide, step_in * wide_steps
+            ):
+                kernel, steps = wide, wide_steps
+            else:
+                padded = direct.contiguous()
         out = torch.nn.functional.conv1d(padded, kernel, stride=step_in * steps)
         return out.transpose(1, 2).reshape(flat.shape[0], -1)
 
