@@ -41,25 +41,43 @@ def embed_split(space, protocol, root, options, args, tag):
     if protocol.task != "classification":
         raise ValueError(f"{protocol.name}: linear probes need single-label classes")
     cache = f"{args.embeddings_cache}.{tag}.safetensors" if args.embeddings_cache else None
-    emb, kept, _, _ = embed_records(space, protocol.modality, records, root, args.batch_size,
-                                    args.num_workers, not args.no_progress, cache,
-                                    f"{protocol.name}-{tag}")
+    emb, kept, _, _ = embed_records(
+        space,
+        protocol.modality,
+        records,
+        root,
+        args.batch_size,
+        args.num_workers,
+        not args.no_progress,
+        cache,
+        f"{protocol.name}-{tag}",
+    )
     kept_list = kept.tolist()
-    return (emb, torch.tensor([labels[i] for i in kept_list]),
-            [records[i].fold for i in kept_list], classnames)
+    return (
+        emb,
+        torch.tensor([labels[i] for i in kept_list]),
+        [records[i].fold for i in kept_list],
+        classnames,
+    )
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--dataset", help="a classification protocol (esc50, vggsound, sund, "
-                                          "nyud, llvip); default: the run's own splits")
+    parser.add_argument(
+        "--dataset",
+        help="a classification protocol (esc50, vggsound, sund, "
+        "nyud, llvip); default: the run's own splits",
+    )
     parser.add_argument("--root")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--shots", default="1,5,10,all", help="shots per class; all = every item")
     parser.add_argument("--seeds", type=int, default=3, help="draws of the shots per k")
-    parser.add_argument("--grid", default=",".join(str(g) for g in DEFAULT_GRID),
-                        help="weight decays to choose from")
+    parser.add_argument(
+        "--grid",
+        default=",".join(str(g) for g in DEFAULT_GRID),
+        help="weight decays to choose from",
+    )
     parser.add_argument("--embeddings-cache", help="file prefix to reuse embeddings from")
     parser.add_argument("--out", help="JSON output (default RUN/eval/linear_probe_NAME.json)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -80,27 +98,38 @@ def main(argv=None) -> dict:
             options = {**protocol.layout_options, **parse_options(args.option)}
             if protocol.group_by == "fold":
                 x, y, folds, classnames = embed_split(space, protocol, root, options, args, "all")
-                results = folded_linear_probe(x, y, folds, num_classes=len(classnames),
-                                              **probe_args)
+                results = folded_linear_probe(
+                    x, y, folds, num_classes=len(classnames), **probe_args
+                )
             else:
-                train = embed_split(space, protocol, root, {**options, "split": "train"}, args,
-                                    "train")
+                train = embed_split(
+                    space, protocol, root, {**options, "split": "train"}, args, "train"
+                )
                 test = embed_split(space, protocol, root, options, args, "test")
                 classnames = test[3]
-                results = linear_probe(train[0], train[1], test[0], test[1], len(classnames),
-                                       **probe_args)
+                results = linear_probe(
+                    train[0], train[1], test[0], test[1], len(classnames), **probe_args
+                )
             name = protocol.name
         else:
             built = run_bundle(args.checkpoint, space.anchor)
-            train, classnames = run_train_collection(space, args.checkpoint, args.batch_size,
-                                                     not args.no_progress, built=built)
-            colls, info = run_collections(space, args.checkpoint, None, args.batch_size,
-                                          not args.no_progress, built=built)
+            train, classnames = run_train_collection(
+                space, args.checkpoint, args.batch_size, not args.no_progress, built=built
+            )
+            colls, info = run_collections(
+                space, args.checkpoint, None, args.batch_size, not args.no_progress, built=built
+            )
             test = colls[info["modality"]]
             if not classnames or test.labels is None:
                 raise ValueError(f"{args.checkpoint}: the run's dataset has no class labels")
-            results = linear_probe(train.embeddings, train.labels, test.embeddings,
-                                   test.labels, len(classnames), **probe_args)
+            results = linear_probe(
+                train.embeddings,
+                train.labels,
+                test.embeddings,
+                test.labels,
+                len(classnames),
+                **probe_args,
+            )
             name = "run"
     except (FileNotFoundError, KeyError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -21,10 +21,18 @@ from imagebind_lite.evaluation.space import Space
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="a run folder; repeat for several modalities")
-    parser.add_argument("--threshold", type=float, default=0.9,
-                        help="text probes: a pair is told apart below this cosine")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="a run folder; repeat for several modalities",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="text probes: a pair is told apart below this cosine",
+    )
     parser.add_argument("--scenes", type=int, default=200, help="rendered scenes per probe")
     parser.add_argument("--out", help="JSON output (default FIRST_RUN/eval/probes.json)")
     parser.add_argument("--batch-size", type=int, default=64)

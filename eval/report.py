@@ -22,8 +22,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--topk", type=int, default=5, help="length of the example lists")
     parser.add_argument("--templates", help="prompt templates (default: the run's)")
     parser.add_argument("--no-probes", action="store_true")
-    parser.add_argument("--linear-probe", action="store_true",
-                        help="also fit few-shot linear probes on the training split")
+    parser.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="also fit few-shot linear probes on the training split",
+    )
     parser.add_argument("--shots", default="1,5,10,all")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -32,9 +35,19 @@ def main(argv=None) -> dict:
     shots = [None if s == "all" else int(s) for s in args.shots.split(",")]
     try:
         space = Space.from_runs([args.checkpoint], args.device)
-        metrics = build_report(space, args.checkpoint, args.out, not args.no_probes,
-                               args.linear_probe, args.sample, args.topk, args.batch_size,
-                               not args.no_progress, args.templates, shots)
+        metrics = build_report(
+            space,
+            args.checkpoint,
+            args.out,
+            not args.no_probes,
+            args.linear_probe,
+            args.sample,
+            args.topk,
+            args.batch_size,
+            not args.no_progress,
+            args.templates,
+            shots,
+        )
     except (FileNotFoundError, KeyError, ValueError) as err:
         sys.exit(f"error: {err}")
     zs = metrics.get("zero_shot")

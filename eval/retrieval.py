@@ -44,18 +44,33 @@ def parse_directions(text):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="a run folder; repeat for several modalities")
-    parser.add_argument("--dataset", help="a protocol (clotho, audiocaps, sund, ...) or layout "
-                                          "(sunrgbd, nyud, llvip, audioset, ...)")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="a run folder; repeat for several modalities",
+    )
+    parser.add_argument(
+        "--dataset",
+        help="a protocol (clotho, audiocaps, sund, ...) or layout "
+        "(sunrgbd, nyud, llvip, audioset, ...)",
+    )
     parser.add_argument("--root", help="dataset folder (for --dataset / --manifest)")
     parser.add_argument("--manifest", help="a CSV/JSONL manifest of paired files")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="layout option (repeatable)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="layout option (repeatable)",
+    )
     parser.add_argument("--directions", help="e.g. audio:vision,vision:audio,text:audio")
     parser.add_argument("--ks", default="1,5,10")
-    parser.add_argument("--embeddings-cache", metavar="PREFIX",
-                        help="reuse/save embeddings as PREFIX.<modality>.safetensors")
+    parser.add_argument(
+        "--embeddings-cache",
+        metavar="PREFIX",
+        help="reuse/save embeddings as PREFIX.<modality>.safetensors",
+    )
     parser.add_argument("--out", help="JSON output (default FIRST_RUN/eval/retrieval_NAME.json)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -80,17 +95,27 @@ def main(argv=None) -> dict:
                 root = Path(args.root)
                 records, _ = read_layout(layout, root, **{**options, **parse_options(args.option)})
                 name = args.dataset
-            collections = record_collections(space, records, root, None, args.batch_size,
-                                             args.num_workers, progress, args.embeddings_cache)
+            collections = record_collections(
+                space,
+                records,
+                root,
+                None,
+                args.batch_size,
+                args.num_workers,
+                progress,
+                args.embeddings_cache,
+            )
         else:
             collections, name = {}, "run"
             for run in args.checkpoint:
-                colls, _ = run_collections(space, run, None, args.batch_size, progress,
-                                           args.num_workers)
+                colls, _ = run_collections(
+                    space, run, None, args.batch_size, progress, args.num_workers
+                )
                 for modality, coll in colls.items():
                     collections.setdefault(modality, coll)
-        results = cross_modal_retrieval(collections, parse_directions(args.directions), ks,
-                                        progress)
+        results = cross_modal_retrieval(
+            collections, parse_directions(args.directions), ks, progress
+        )
     except (FileNotFoundError, KeyError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(format_retrieval(results, ks))

@@ -43,18 +43,30 @@ def embed(space: Space, args) -> None:
     else:
         mixed = {modality_of(p) for p in paths} if not args.modality else {modality}
         if len(mixed) > 1:
-            raise SpaceError(f"the inputs mix modalities ({', '.join(sorted(mixed))}): one "
-                             "collection holds one modality; name it with --modality")
-        emb, kept, errors = space.embed_files(paths, modality, args.batch_size, args.num_workers,
-                                              not args.no_progress)
+            raise SpaceError(
+                f"the inputs mix modalities ({', '.join(sorted(mixed))}): one "
+                "collection holds one modality; name it with --modality"
+            )
+        emb, kept, errors = space.embed_files(
+            paths, modality, args.batch_size, args.num_workers, not args.no_progress
+        )
         items = [str(p) for p in kept]
-    save_embeddings(args.out, emb, items, {"modality": modality,
-                                           "fingerprint": space.fingerprint(modality),
-                                           "runs": {m: str(p) for m, p in space.runs.items()}})
+    save_embeddings(
+        args.out,
+        emb,
+        items,
+        {
+            "modality": modality,
+            "fingerprint": space.fingerprint(modality),
+            "runs": {m: str(p) for m, p in space.runs.items()},
+        },
+    )
     for path, error in list(errors.items())[:10]:
         print(f"skipped {path}: {error}", file=sys.stderr)
-    print(f"embedded {len(items)} {modality} items ({len(errors)} skipped) -> {args.out} "
-          f"(+ {args.out}.json)")
+    print(
+        f"embedded {len(items)} {modality} items ({len(errors)} skipped) -> {args.out} "
+        f"(+ {args.out}.json)"
+    )
 
 
 def query_embedding(space: Space, args):
@@ -65,19 +77,26 @@ def query_embedding(space: Space, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", action="append", default=[],
-                        help="a run folder (its anchor, and its encoder); repeatable")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="a run folder (its anchor, and its encoder); repeatable",
+    )
     parser.add_argument("--device", default="cpu")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("embed", help="files of one modality -> an embeddings file")
     p.add_argument("inputs", nargs="*", help="files or folders")
     p.add_argument("--text", action="append", help="a text to embed (repeatable)")
     p.add_argument("--modality", help="vision, audio, depth, thermal, ... (default: extension)")
-    p.add_argument("--out", required=True,
-                   help="FILE.safetensors (+ FILE.safetensors.json listing the items)")
+    p.add_argument(
+        "--out", required=True, help="FILE.safetensors (+ FILE.safetensors.json listing the items)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

@@ -32,16 +32,28 @@ def list_protocols() -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a run folder (runs/NAME) or its model/ folder")
-    parser.add_argument("--dataset", help=f"a protocol: {', '.join(PROTOCOLS)} "
-                                          "(default: the run's own evaluation split)")
+    parser.add_argument(
+        "--dataset",
+        help=f"a protocol: {', '.join(PROTOCOLS)} (default: the run's own evaluation split)",
+    )
     parser.add_argument("--root", help="the dataset folder, in the dataset's own layout")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="layout option, e.g. fold=1 or split=test (repeatable)")
-    parser.add_argument("--templates", help="template set (imagenet, plain, ...) or templates "
-                                            "separated by '|' (default: the protocol's / run's)")
-    parser.add_argument("--embeddings-cache",
-                        help="with --dataset: a safetensors file to save embeddings to and reuse "
-                             "them from while the model and the file list are unchanged")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="layout option, e.g. fold=1 or split=test (repeatable)",
+    )
+    parser.add_argument(
+        "--templates",
+        help="template set (imagenet, plain, ...) or templates "
+        "separated by '|' (default: the protocol's / run's)",
+    )
+    parser.add_argument(
+        "--embeddings-cache",
+        help="with --dataset: a safetensors file to save embeddings to and reuse "
+        "them from while the model and the file list are unchanged",
+    )
     parser.add_argument("--out", help="JSON output (default RUN/eval/zero_shot_NAME.json)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -61,12 +73,18 @@ def main(argv=None) -> dict:
         space = Space.from_runs([args.checkpoint], args.device)
         if args.dataset:
             result = evaluate_protocol(
-                args.dataset, args.root, space, parse_options(args.option), args.templates,
-                args.batch_size, args.num_workers, progress, args.embeddings_cache,
+                args.dataset,
+                args.root,
+                space,
+                parse_options(args.option),
+                args.templates,
+                args.batch_size,
+                args.num_workers,
+                progress,
+                args.embeddings_cache,
             )
         else:
-            result = evaluate_run(space, args.checkpoint, args.templates, args.batch_size,
-                                  progress)
+            result = evaluate_run(space, args.checkpoint, args.templates, args.batch_size, progress)
     except (FileNotFoundError, KeyError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(format_table(result))

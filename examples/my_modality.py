@@ -79,8 +79,14 @@ def load(path, channels: int = 3, length: int = 512, zscore: bool = True, **_) -
 # (3) Augmentation: (tensor, train, generator, **options) -> tensor. Draw every random number
 # from ``generator``: datasets pass one seeded by (seed, epoch, index) (EpochRandom), which makes
 # augmentation identical on every rank and after a resume.
-def augment(x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
-            gain: float = 0.2, noise: float = 0.05, **_) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    train: bool,
+    generator: torch.Generator | None = None,
+    gain: float = 0.2,
+    noise: float = 0.05,
+    **_,
+) -> torch.Tensor:
     if not train:
         return x
     factors = 1 + gain * (2 * torch.rand(x.shape[-2], 1, generator=generator) - 1)
@@ -155,8 +161,15 @@ def synth_signal(digit: int, options: dict, g: torch.Generator) -> torch.Tensor:
 
 
 class DemoPairs(EpochRandom, Dataset):
-    def __init__(self, size: int, options: dict, train: bool, seed: int,
-                 images: torch.Tensor | None = None, image_labels: torch.Tensor | None = None):
+    def __init__(
+        self,
+        size: int,
+        options: dict,
+        train: bool,
+        seed: int,
+        images: torch.Tensor | None = None,
+        image_labels: torch.Tensor | None = None,
+    ):
         self.size, self.options, self.train, self.seed = size, options, train, seed
         self.images = images
         if images is not None:
@@ -170,8 +183,11 @@ class DemoPairs(EpochRandom, Dataset):
         g = self.generator(index) if self.train else torch.Generator().manual_seed(10**6 + index)
         digit = index % 10
         x = synth_signal(digit, self.options, g)
-        sample = {NAME: augment(x, self.train, generator=g, **self.options), "label": digit,
-                  "id": f"{'train' if self.train else 'test'}-{index}"}
+        sample = {
+            NAME: augment(x, self.train, generator=g, **self.options),
+            "label": digit,
+            "id": f"{'train' if self.train else 'test'}-{index}",
+        }
         if self.images is not None:
             choices = self.by_digit[digit]
             pick = int(choices[torch.randint(len(choices), (1,), generator=g)])

@@ -368,7 +368,6 @@ def train_step(
     return float(loss.detach())
 
 
-
 def anchor_embeddings(anchor: Anchor, batch: dict) -> torch.Tensor:
     """The anchor side of a batch: cached embeddings when the dataset provides them."""
     if "anchor_embedding" in batch:

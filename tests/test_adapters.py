@@ -43,13 +43,17 @@ def test_esc50(tmp_path):
         "filename,fold,target,category,esc10,src_file,take\n"
         "1-100032-A-0.wav,1,0,dog,True,100032,A\n"
         "1-100038-A-14.wav,1,1,chirping_birds,False,100038,A\n"
-        "2-100648-A-0.wav,2,0,dog,True,100648,A\n")
+        "2-100648-A-0.wav,2,0,dog,True,100648,A\n"
+    )
     wav(tmp_path / "audio/1-100032-A-0.wav")
     wav(tmp_path / "audio/1-100038-A-14.wav")
     records, names = read_layout("esc50", tmp_path)
     assert names == ["dog", "chirping birds"]
     assert [(r.id, r.label, r.fold) for r in records] == [
-        ("1-100032-A-0", 0, 1), ("1-100038-A-14", 1, 1), ("2-100648-A-0", 0, 2)]
+        ("1-100032-A-0", 0, 1),
+        ("1-100038-A-14", 1, 1),
+        ("2-100648-A-0", 0, 2),
+    ]
     assert records[0].paths == {"audio": tmp_path / "audio/1-100032-A-0.wav"}
     assert records[0].meta["esc10"] is True and records[1].meta["category"] == "chirping_birds"
     # The missing file is kept (bad input reports it) unless missing=drop.
@@ -62,14 +66,16 @@ def test_esc50(tmp_path):
 def audioset_fixture(root):
     (root / "class_labels_indices.csv").write_text(
         'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n'
-        '2,/m/0jbk,"Animal"\n')
+        '2,/m/0jbk,"Animal"\n'
+    )
     (root / "balanced_train_segments.csv").write_text(
         "# Segments csv created Sun Mar  5 10:54:31 2017\n"
         "# num_ytids=3, num_segs=3, num_unique_labels=3, num_positive_labels=4\n"
         "# YTID, start_seconds, end_seconds, positive_labels\n"
         '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/m/05zppz"\n'
         '--ZhevVpy1s, 50.000, 60.000, "/m/0jbk"\n'
-        '--aE2O5G5WE, 0.000, 10.000, "/m/09x0r"\n')
+        '--aE2O5G5WE, 0.000, 10.000, "/m/09x0r"\n'
+    )
     wav(root / "audio/--PJHxphWEs_30.flac")
     jpg(root / "frames/--PJHxphWEs_30.jpg")
     wav(root / "audio/--ZhevVpy1s_50.000.wav")  # the start as written in the CSV also works
@@ -82,9 +88,13 @@ def test_audioset(tmp_path):
         records, names = read_layout("audioset", tmp_path)
     assert names == ["Speech", "Male speech, man speaking", "Animal"]
     assert [(r.id, r.label, r.split) for r in records] == [
-        ("--PJHxphWEs_30", [0, 1], "balanced_train"), ("--ZhevVpy1s_50", [2], "balanced_train")]
-    assert records[0].paths == {"audio": tmp_path / "audio/--PJHxphWEs_30.flac",
-                                "vision": tmp_path / "frames/--PJHxphWEs_30.jpg"}
+        ("--PJHxphWEs_30", [0, 1], "balanced_train"),
+        ("--ZhevVpy1s_50", [2], "balanced_train"),
+    ]
+    assert records[0].paths == {
+        "audio": tmp_path / "audio/--PJHxphWEs_30.flac",
+        "vision": tmp_path / "frames/--PJHxphWEs_30.jpg",
+    }
     assert records[1].paths["audio"].name == "--ZhevVpy1s_50.000.wav"
     assert records[0].meta == {"ytid": "--PJHxphWEs", "start": "30.000", "end": "40.000"}
     kept, _ = read_layout("audioset", tmp_path, missing="keep")
@@ -97,7 +107,8 @@ def vggsound_fixture(root):
     (root / "vggsound.csv").write_text(
         "---g-f_I2yQ,1,people marching,test\n"
         '--0PQM4-hqg,30,"waterfall burbling",train\n'
-        '--56QUhyDQM,185,"playing tennis, badminton",train\n')
+        '--56QUhyDQM,185,"playing tennis, badminton",train\n'
+    )
     for name in ("---g-f_I2yQ_000001", "--0PQM4-hqg_000030", "--56QUhyDQM_185"):
         wav(root / f"audio/{name}.flac")
         jpg(root / f"frames/{name}.jpg")
@@ -108,21 +119,33 @@ def test_vggsound_and_cross_layout_evaluation(tmp_path, anchor):
     records, names = read_layout("vggsound", tmp_path)
     assert names == ["people marching", "playing tennis, badminton", "waterfall burbling"]
     assert [(r.id, r.label, r.split) for r in records] == [
-        ("---g-f_I2yQ_1", 0, "test"), ("--0PQM4-hqg_30", 2, "train"),
-        ("--56QUhyDQM_185", 1, "train")]
+        ("---g-f_I2yQ_1", 0, "test"),
+        ("--0PQM4-hqg_30", 2, "train"),
+        ("--56QUhyDQM_185", 1, "train"),
+    ]
     assert records[0].paths["audio"].name == "---g-f_I2yQ_000001.flac"
     assert records[2].paths["vision"].name == "--56QUhyDQM_185.jpg"
     assert [r.id for r in read_layout("vggsound", tmp_path, split="train")[0]] == [
-        "--0PQM4-hqg_30", "--56QUhyDQM_185"]
+        "--0PQM4-hqg_30",
+        "--56QUhyDQM_185",
+    ]
     # The registered dataset pairs frames with audio; evaluation can use another layout.
     esc = tmp_path / "esc"
     (esc / "meta").mkdir(parents=True)
-    (esc / "meta/esc50.csv").write_text("filename,fold,target,category,esc10,src_file,take\n"
-                                        "1-1-A-0.wav,1,0,dog,True,1,A\n")
+    (esc / "meta/esc50.csv").write_text(
+        "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,1,0,dog,True,1,A\n"
+    )
     wav(esc / "audio/1-1-A-0.wav")
-    cfg = load_config(None, ["modality=audio", "anchor.pretrained=null", "data.dataset=vggsound",
-                             f"data.root={tmp_path}",
-                             f"data.options={{eval_layout: esc50, eval_root: {esc}}}"])
+    cfg = load_config(
+        None,
+        [
+            "modality=audio",
+            "anchor.pretrained=null",
+            "data.dataset=vggsound",
+            f"data.root={tmp_path}",
+            f"data.options={{eval_layout: esc50, eval_root: {esc}}}",
+        ],
+    )
     bundle = get_dataset_builder("vggsound")(cfg, anchor, get_modality("audio"))
     assert len(bundle.train) == 2 and len(bundle.eval) == 1 and bundle.classnames == ["dog"]
     sample = bundle.eval[0]
@@ -133,7 +156,8 @@ def test_clotho(tmp_path):
     (tmp_path / "clotho_captions_evaluation.csv").write_text(
         "\ufefffile_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
         "Santa Motor.wav,A machine whines.,A motor runs.,An engine hums.,Gears turn.,Buzzing.\n"
-        '"Rain, soft.wav","Rain falls, softly.",Drops hit a roof.,Rain.,Soft rain.,Water.\n')
+        '"Rain, soft.wav","Rain falls, softly.",Drops hit a roof.,Rain.,Soft rain.,Water.\n'
+    )
     wav(tmp_path / "evaluation/Santa Motor.wav")
     wav(tmp_path / "evaluation/Rain, soft.wav")
     records, names = read_layout("clotho", tmp_path)
@@ -148,13 +172,16 @@ def test_audiocaps(tmp_path):
         "audiocap_id,youtube_id,start_time,caption\n"
         "103549,7fmOlUlwoNg,20,Constant rattling noise and sharp vibrations\n"
         "103548,7fmOlUlwoNg,20,A rattling noise\n"
-        "104999,ZYwhlxgMAS8,0,A dog barks\n")
+        "104999,ZYwhlxgMAS8,0,A dog barks\n"
+    )
     wav(tmp_path / "test/7fmOlUlwoNg_20.wav")
     wav(tmp_path / "test/ZYwhlxgMAS8.flac")  # no start in the name: found too
     records, names = read_layout("audiocaps", tmp_path)
     assert names is None and [r.id for r in records] == ["7fmOlUlwoNg_20", "ZYwhlxgMAS8_0"]
-    assert records[0].captions == ["Constant rattling noise and sharp vibrations",
-                                   "A rattling noise"]
+    assert records[0].captions == [
+        "Constant rattling noise and sharp vibrations",
+        "A rattling noise",
+    ]
     assert records[0].meta["audiocap_ids"] == ["103549", "103548"]
     assert records[1].paths["audio"] == tmp_path / "test/ZYwhlxgMAS8.flac"
 
@@ -173,22 +200,34 @@ def test_sunrgbd(tmp_path):
     sun_frame(root / "kv1/NYUdata/NYU0001", "living_room")
     sun_frame(root / "realsense/lg/2014_10_24-19_53_23-1311000073", "office", filled=False)
     sun_frame(root / "xtion/xtion_align_data/2014_x/0001", "office")
-    (root / "split.json").write_text(json.dumps({
-        "train": ["/n/fs/sun3d/data/SUNRGBD/kv1/NYUdata/NYU0001",
-                  "/n/fs/sun3d/data/SUNRGBD/realsense/lg/2014_10_24-19_53_23-1311000073"],
-        "test": ["/n/fs/sun3d/data/SUNRGBD/xtion/xtion_align_data/2014_x/0001"]}))
+    (root / "split.json").write_text(
+        json.dumps(
+            {
+                "train": [
+                    "/n/fs/sun3d/data/SUNRGBD/kv1/NYUdata/NYU0001",
+                    "/n/fs/sun3d/data/SUNRGBD/realsense/lg/2014_10_24-19_53_23-1311000073",
+                ],
+                "test": ["/n/fs/sun3d/data/SUNRGBD/xtion/xtion_align_data/2014_x/0001"],
+            }
+        )
+    )
     records, names = read_layout("sunrgbd", root)
     assert names == ["living room", "office"]
     by_id = {r.id: r for r in records}
     nyu = by_id["kv1/NYUdata/NYU0001"]
-    assert (nyu.label, nyu.split, nyu.meta["sensor"], nyu.meta["baseline"]) == (0, "train",
-                                                                                 "kv1", 0.075)
+    assert (nyu.label, nyu.split, nyu.meta["sensor"], nyu.meta["baseline"]) == (
+        0,
+        "train",
+        "kv1",
+        0.075,
+    )
     assert nyu.paths["depth"].parent.name == "depth_bfx"
     realsense = by_id["realsense/lg/2014_10_24-19_53_23-1311000073"]
     assert realsense.meta["baseline"] == 0.095 and realsense.paths["depth"].parent.name == "depth"
     assert realsense.paths["intrinsics"].name == "intrinsics.txt"
     assert [r.id for r in read_layout("sunrgbd", root, split="test")[0]] == [
-        "xtion/xtion_align_data/2014_x/0001"]
+        "xtion/xtion_align_data/2014_x/0001"
+    ]
     raw, _ = read_layout("sunrgbd", root, depth="depth")
     assert {r.paths["depth"].parent.name for r in raw} == {"depth"}
     only_office, _ = read_layout("sunrgbd", root, classnames=["office"])
@@ -197,8 +236,11 @@ def test_sunrgbd(tmp_path):
 
 
 def test_nyud(tmp_path, anchor):
-    for split, frame, scene in (("train", "0001", "bedroom"), ("train", "0002", "kitchen"),
-                                ("test", "0003", "bedroom")):
+    for split, frame, scene in (
+        ("train", "0001", "bedroom"),
+        ("train", "0002", "kitchen"),
+        ("test", "0003", "bedroom"),
+    ):
         folder = tmp_path / split / frame
         jpg(folder / "image.jpg", value=int(frame) * 40)
         png16(folder / "depth.png", value=2500)  # 2.5 m in plain millimetres
@@ -206,16 +248,36 @@ def test_nyud(tmp_path, anchor):
     records, names = read_layout("nyud", tmp_path)
     assert names == ["bedroom", "kitchen"]
     assert [(r.id, r.label, r.split) for r in records] == [
-        ("test/0003", 0, "test"), ("train/0001", 0, "train"), ("train/0002", 1, "train")]
+        ("test/0003", 0, "test"),
+        ("train/0001", 0, "train"),
+        ("train/0002", 1, "train"),
+    ]
     assert records[0].meta["layout"] == "mm" and records[0].meta["fx"] == pytest.approx(518.8579)
     assert [r.id for r in read_layout("nyud", tmp_path, split="test")[0]] == ["test/0003"]
     # The registered dataset reads the millimetre layout from the records (not the default).
-    stats = {"depth": {"mean": 0.0, "std": 1.0, "options": {
-        "representation": "disparity", "layout": "sunrgbd", "max_depth": 8.0,
-        "baseline": "auto"}}}
+    stats = {
+        "depth": {
+            "mean": 0.0,
+            "std": 1.0,
+            "options": {
+                "representation": "disparity",
+                "layout": "sunrgbd",
+                "max_depth": 8.0,
+                "baseline": "auto",
+            },
+        }
+    }
     (tmp_path / "stats.json").write_text(json.dumps(stats))
-    cfg = load_config(None, ["modality=depth", "anchor.pretrained=null", "data.dataset=nyud",
-                             f"data.root={tmp_path}", "data.preprocess={image_size: 16}"])
+    cfg = load_config(
+        None,
+        [
+            "modality=depth",
+            "anchor.pretrained=null",
+            "data.dataset=nyud",
+            f"data.root={tmp_path}",
+            "data.preprocess={image_size: 16}",
+        ],
+    )
     bundle = get_dataset_builder("nyud")(cfg, anchor, get_modality("depth"))
     assert len(bundle.train) == 2 and len(bundle.eval) == 1 and bundle.classnames == names
     expected = 0.075 * 518.8579 / 2.5
@@ -229,15 +291,19 @@ def llvip_fixture(root, persons=((100, 50, 140, 150), (300, 60, 330, 160))):
             (root / f"infrared/{split}").mkdir(parents=True, exist_ok=True)
             ramp = (np.arange(640) // 3).astype(np.uint8)  # x/3: the crop's content is known
             Image.fromarray(np.tile(ramp[None], (512, 1))).save(
-                root / f"infrared/{split}/{name}.jpg", quality=95)
+                root / f"infrared/{split}/{name}.jpg", quality=95
+            )
     objects = "".join(
         f"<object><name>person</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>"
-        f"<ymax>{d}</ymax></bndbox></object>" for a, b, c, d in persons)
+        f"<ymax>{d}</ymax></bndbox></object>"
+        for a, b, c, d in persons
+    )
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     for name in ("010001", "010002"):
         (root / f"Annotations/{name}.xml").write_text(
             f"<annotation><filename>{name}.jpg</filename><size><width>640</width>"
-            f"<height>512</height><depth>3</depth></size>{objects}</annotation>")
+            f"<height>512</height><depth>3</depth></size>{objects}</annotation>"
+        )
 
 
 def test_llvip_crops_and_dataset(tmp_path, anchor):
@@ -258,15 +324,25 @@ def test_llvip_crops_and_dataset(tmp_path, anchor):
             assert bx1 <= px0 or px1 <= bx0 or by1 <= py0 or py1 <= by0  # never touches one
     again, _ = read_layout("llvip", tmp_path)
     assert [r.meta["box"] for r in again] == [r.meta["box"] for r in records]
-    assert persons[0].paths == {"vision": tmp_path / "visible/test/010001.jpg",
-                                "thermal": tmp_path / "infrared/test/010001.jpg"}
+    assert persons[0].paths == {
+        "vision": tmp_path / "visible/test/010001.jpg",
+        "thermal": tmp_path / "infrared/test/010001.jpg",
+    }
     frames, names = read_layout("llvip", tmp_path, split="train", crops="none")
     assert names is None and [r.id for r in frames] == ["010001", "010002"]
     # Registered: whole frames train, crops evaluate; the crop box selects the region.
     stats = {"thermal": {"mean": 0.0, "std": 1.0, "options": {"scaling": "fixed"}}}
     (tmp_path / "stats.json").write_text(json.dumps(stats))
-    cfg = load_config(None, ["modality=thermal", "anchor.pretrained=null", "data.dataset=llvip",
-                             f"data.root={tmp_path}", "data.preprocess={image_size: 16}"])
+    cfg = load_config(
+        None,
+        [
+            "modality=thermal",
+            "anchor.pretrained=null",
+            "data.dataset=llvip",
+            f"data.root={tmp_path}",
+            "data.preprocess={image_size: 16}",
+        ],
+    )
     bundle = get_dataset_builder("llvip")(cfg, anchor, get_modality("thermal"))
     assert len(bundle.train) == 2 and len(bundle.eval) == 8
     assert bundle.classnames == ["background", "person"]

@@ -91,6 +91,7 @@ def test_gives_up_on_a_broken_dataset_and_logs_a_bounded_number(caplog):
     # A dataset smaller than the limit gives up once every index was tried.
     with pytest.raises(BadInputError, match="gave up after 3"):
         BadInputDataset(Toy(3, {0: "empty", 1: "empty", 2: "empty"}), "skip")[0]
+
     # Bugs are not bad input: they propagate unchanged.
     class Buggy(Toy):
         def __getitem__(self, i):

@@ -74,8 +74,9 @@ class VibrationDigits(EpochRandom, Dataset):
         sample = {NAME: vibration(digit, g), "label": digit, "id": f"vib-{self.train}-{index}"}
         if self.images is not None:
             choices = self.by_digit[digit]
-            sample["vision"] = self.images[int(choices[torch.randint(len(choices), (1,),
-                                                                        generator=g)])]
+            sample["vision"] = self.images[
+                int(choices[torch.randint(len(choices), (1,), generator=g)])
+            ]
         return sample
 
 
@@ -85,8 +86,9 @@ def build_vibration_digits(cfg, anchor, spec):
     pixels = anchor.normalize_pixels(avmnist.digits_to_pixels(images[keep], anchor.image_size[0]))
     opts = cfg.data.options
     return DatasetBundle(
-        train=VibrationDigits(int(opts.get("train_size", 320)), True, cfg.seed, pixels,
-                              labels[keep]),
+        train=VibrationDigits(
+            int(opts.get("train_size", 320)), True, cfg.seed, pixels, labels[keep]
+        ),
         eval=VibrationDigits(int(opts.get("test_size", 200)), False),
         classnames=avmnist.DIGIT_NAMES,
         templates=avmnist.DIGIT_TEMPLATES,
@@ -125,12 +127,19 @@ def fixed_batch(anchor, n=40):
 
 
 def test_a_modality_registered_in_this_file_trains_and_reloads(tmp_path, monkeypatch):
-    cfg = load_config(None, tiny_overrides(
-        tmp_path, f"modality_file={THIS_FILE}", f"modality={NAME}",
-        "data.dataset=vibration_digits", "anchor.pretrained=imagebind_lite:tiny-clip-digits-scenes",
-        "data.options={train_size: 160, test_size: 100}", "optim.epochs=3",
-        "optim.warmup_epochs=0.5",
-    ))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            f"modality_file={THIS_FILE}",
+            f"modality={NAME}",
+            "data.dataset=vibration_digits",
+            "anchor.pretrained=imagebind_lite:tiny-clip-digits-scenes",
+            "data.options={train_size: 160, test_size: 100}",
+            "optim.epochs=3",
+            "optim.warmup_epochs=0.5",
+        ),
+    )
     metrics = train(cfg, quiet=True)
     run = tmp_path / "vibration-vibration_digits"
     saved = json.loads((run / "metrics.json").read_text())
@@ -165,8 +174,11 @@ def run_align(monkeypatch, *args):
 
 def test_the_example_file_trains_through_the_generic_script(tmp_path, monkeypatch):
     run_align(
-        monkeypatch, "modality_file=examples/my_modality.py", "modality=my_sensor",
-        "data.dataset=my_sensor_demo", "data.options={train_size: 64, test_size: 20}",
+        monkeypatch,
+        "modality_file=examples/my_modality.py",
+        "modality=my_sensor",
+        "data.dataset=my_sensor_demo",
+        "data.options={train_size: 64, test_size: 20}",
         *tiny_overrides(tmp_path, "optim.max_steps=2"),
     )
     run = tmp_path / "my_sensor-my_sensor_demo"
@@ -187,8 +199,10 @@ def test_the_example_reader_reads_npy_files(tmp_path):
     assert x.shape == (3, 512)
     torch.testing.assert_close(x.mean(-1), torch.zeros(3), atol=1e-5, rtol=0)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert torch.equal(spec.augment(x, True, generator=g1, **spec.preprocess),
-                       spec.augment(x, True, generator=g2, **spec.preprocess))
+    assert torch.equal(
+        spec.augment(x, True, generator=g1, **spec.preprocess),
+        spec.augment(x, True, generator=g2, **spec.preprocess),
+    )
     np.save(tmp_path / "bad.npy", np.zeros((4, 10)))
     with pytest.raises(ValueError, match="bad.npy: expected"):
         spec.load(tmp_path / "bad.npy", **spec.preprocess)

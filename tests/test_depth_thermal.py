@@ -93,9 +93,13 @@ def test_wrong_depth_files_are_refused(tmp_path):
     Image.fromarray(np.zeros((20, 20), np.uint16)).save(tmp_path / "zeros.png")
     Image.fromarray(np.full((1, 1), 900, np.uint16)).save(tmp_path / "tiny.png")
     np.save(tmp_path / "nan.npy", np.full((20, 20), np.nan, np.float32))
-    for name, reason in (("eight_bit.png", "wrong_shape"), ("zeros.png", "empty"),
-                         ("tiny.png", "wrong_shape"), ("nan.npy", "nan"),
-                         ("absent.png", "missing")):
+    for name, reason in (
+        ("eight_bit.png", "wrong_shape"),
+        ("zeros.png", "empty"),
+        ("tiny.png", "wrong_shape"),
+        ("nan.npy", "nan"),
+        ("absent.png", "missing"),
+    ):
         with pytest.raises(BadSample) as info:
             depth.read_depth(tmp_path / name)
         assert info.value.reason == reason and name in str(info.value)
@@ -217,8 +221,12 @@ def test_thermal_rgb_gray_16bit_and_refusals(shared_data, tmp_path):
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "one.png")
     Image.fromarray(np.full((20, 20), 77, np.uint8)).save(tmp_path / "flat.png")
     (tmp_path / "corrupt.jpg").write_bytes(ir.read_bytes()[:2000])
-    for name, reason in (("ironbow.png", "wrong_shape"), ("one.png", "wrong_shape"),
-                         ("flat.png", "empty"), ("corrupt.jpg", "unreadable")):
+    for name, reason in (
+        ("ironbow.png", "wrong_shape"),
+        ("one.png", "wrong_shape"),
+        ("flat.png", "empty"),
+        ("corrupt.jpg", "unreadable"),
+    ):
         with pytest.raises(BadSample) as info:
             thermal.read_thermal(tmp_path / name)
         assert info.value.reason == reason, name
@@ -227,8 +235,9 @@ def test_thermal_rgb_gray_16bit_and_refusals(shared_data, tmp_path):
 
 
 def edges(x):
-    return ((x[..., :-1, 1:] - x[..., :-1, :-1]).abs()
-            + (x[..., 1:, :-1] - x[..., :-1, :-1]).abs()).flatten()
+    return (
+        (x[..., :-1, 1:] - x[..., :-1, :-1]).abs() + (x[..., 1:, :-1] - x[..., :-1, :-1]).abs()
+    ).flatten()
 
 
 def test_roadscene_pair_crops_have_both_sizes_and_aligned_edges(shared_data):
@@ -265,25 +274,45 @@ def toy_manifest(shared_data, tmp_path):
         writer = csv.writer(handle)
         writer.writerow(["id", "vision", "depth", "intrinsics", "label", "split"])
         for record, split in zip(records, ("train", "test")):
-            writer.writerow([record.id] + [record.paths[k].relative_to(root).as_posix()
-                                           for k in ("vision", "depth", "intrinsics")]
-                            + ["office", split])
+            writer.writerow(
+                [record.id]
+                + [
+                    record.paths[k].relative_to(root).as_posix()
+                    for k in ("vision", "depth", "intrinsics")
+                ]
+                + ["office", split]
+            )
     return root, path
 
 
 def test_stats_command_writes_json_and_dataset_uses_it(shared_data, tmp_path, anchor):
     root, manifest = toy_manifest(shared_data, tmp_path)
     stats = tmp_path / "stats.json"
-    overrides = ["modality=depth", "anchor.pretrained=null", "data.dataset=manifest",
-                 f"data.root={root}", "data.preprocess={image_size: 32}",
-                 f"data.options={{manifest: {manifest}, stats: {stats}}}"]
+    overrides = [
+        "modality=depth",
+        "anchor.pretrained=null",
+        "data.dataset=manifest",
+        f"data.root={root}",
+        "data.preprocess={image_size: 32}",
+        f"data.options={{manifest: {manifest}, stats: {stats}}}",
+    ]
     cfg = load_config(None, overrides)
     spec = get_modality("depth")
     with pytest.raises(FileNotFoundError, match="compute_stats.py --modality depth"):
         get_dataset_builder("manifest")(cfg, anchor, spec)
 
-    entry = compute_stats.main(["--modality", "depth", "--manifest", str(manifest),
-                                "--root", str(root), "--out", str(stats)])
+    entry = compute_stats.main(
+        [
+            "--modality",
+            "depth",
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(root),
+            "--out",
+            str(stats),
+        ]
+    )
     saved = json.loads(stats.read_text())["depth"]
     assert saved["files"] == 1 and saved["options"]["layout"] == "sunrgbd"  # train rows only
     assert saved["mean"] == pytest.approx(entry["mean"]) and saved["std"] > 0

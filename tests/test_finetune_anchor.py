@@ -114,7 +114,11 @@ def test_lora_starts_at_the_base_model_and_merges_into_plain_weights():
 def test_defaults_keep_the_shipped_recipe():
     cfg = FinetuneConfig()
     assert (cfg.trainable, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == (
-        "full", 30, 128, 1e-3, 0.05
+        "full",
+        30,
+        128,
+        1e-3,
+        0.05,
     )
     assert cfg.domains == ["digits", "scenes"] and cfg.seed == 0 and cfg.max_steps is None
     assert cfg.anchor.pretrained is None and cfg.save_dtype == "fp16"
@@ -140,8 +144,10 @@ def test_full_run_reports_before_after_and_changes_the_anchor_identity(tmp_path)
     assert report["steps"] == 2 and report["trainable"] == "full"
     for key in ("image_to_text_before", "image_to_text_after"):
         assert 0.0 <= report[key]["scenes"]["top1"] <= 1.0
-    assert report["image_to_text_top1_before"]["scenes"] == report[
-        "image_to_text_before"]["scenes"]["top1"]
+    assert (
+        report["image_to_text_top1_before"]["scenes"]
+        == report["image_to_text_before"]["scenes"]["top1"]
+    )
     assert report["eval_sizes"] == {"scenes": 16}
     assert changed_keys(shipped_state(), load_file(str(out)))  # everything may move
 
@@ -158,8 +164,15 @@ def test_full_run_reports_before_after_and_changes_the_anchor_identity(tmp_path)
 def test_last_n_moves_only_the_last_blocks_and_heads(tmp_path):
     result = finetune_anchor(tiny(tmp_path, "last1", trainable="last_n", last_n=1), quiet=True)
     changed = changed_keys(shipped_state(), load_file(result["output"]))
-    allowed = ("visual.transformer.resblocks.2.", "transformer.resblocks.1.", "visual.ln_post.",
-               "ln_final.", "visual.proj", "text_projection", "logit_scale")
+    allowed = (
+        "visual.transformer.resblocks.2.",
+        "transformer.resblocks.1.",
+        "visual.ln_post.",
+        "ln_final.",
+        "visual.proj",
+        "text_projection",
+        "logit_scale",
+    )
     assert changed and all(k.startswith(allowed) for k in changed), sorted(changed)
     assert any(k.startswith("visual.transformer.resblocks.2.") for k in changed)
     assert any(k.startswith("transformer.resblocks.1.") for k in changed)
@@ -192,8 +205,14 @@ def write_digit_manifest(root: Path, n_train: int = 48, n_test: int = 20) -> Pat
         pixels = (images[i].numpy() * 255).astype("uint8")
         Image.fromarray(pixels).resize((16, 16)).save(root / "img" / f"{i}.png")
         name = avmnist.DIGIT_NAMES[int(labels[i])]
-        rows.append({"image": f"img/{i}.png", "caption": f"a handwritten {name}, sample {i}.",
-                     "label": name, "split": "train" if i < n_train else "test"})
+        rows.append(
+            {
+                "image": f"img/{i}.png",
+                "caption": f"a handwritten {name}, sample {i}.",
+                "label": name,
+                "split": "train" if i < n_train else "test",
+            }
+        )
     path = root / "pairs.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -205,8 +224,9 @@ def write_digit_manifest(root: Path, n_train: int = 48, n_test: int = 20) -> Pat
 
 def test_manifest_domain_trains_and_reports_classes_and_retrieval(tmp_path):
     manifest = write_digit_manifest(tmp_path / "data")
-    cfg = tiny(tmp_path, "mine", domains=[{"name": "mine", "manifest": str(manifest)}],
-               trainable="last_n")
+    cfg = tiny(
+        tmp_path, "mine", domains=[{"name": "mine", "manifest": str(manifest)}], trainable="last_n"
+    )
     result = finetune_anchor(cfg, quiet=True)
     for key in ("image_to_text_before", "image_to_text_after"):
         scores = result[key]["mine"]
@@ -224,8 +244,9 @@ def test_manifest_domain_from_a_second_manifest_is_retrieval_only(tmp_path):
     rows = list(csv.DictReader((root / "pairs.csv").read_text().splitlines()))
     (root / "classes.txt").unlink()
     for name, part in (("train.jsonl", rows[:8]), ("test.jsonl", rows[8:])):
-        lines = [json.dumps({"image": r["image"], "caption": [r["caption"], "a digit."]})
-                 for r in part]
+        lines = [
+            json.dumps({"image": r["image"], "caption": [r["caption"], "a digit."]}) for r in part
+        ]
         (root / name).write_text("\n".join(lines))
     domain = load_manifest_domain(
         {"manifest": str(root / "train.jsonl"), "eval_manifest": "test.jsonl"}, 32
@@ -233,11 +254,14 @@ def test_manifest_domain_from_a_second_manifest_is_retrieval_only(tmp_path):
     assert domain.name == "train" and domain.eval_labels is None
     assert domain.eval_captions[0] == [rows[8]["caption"], "a digit."]
     assert domain.train_images[0].shape == (3, 32, 32)
-    assert domain.train_captions(0, torch.Generator().manual_seed(0)) in (rows[0]["caption"],
-                                                                          "a digit.")
+    assert domain.train_captions(0, torch.Generator().manual_seed(0)) in (
+        rows[0]["caption"],
+        "a digit.",
+    )
     (root / "img" / "9.png").unlink()
     with pytest.raises(FileNotFoundError, match="1 of 4 image files not found"):
-        load_manifest_domain({"manifest": str(root / "train.jsonl"),
-                              "eval_manifest": str(root / "test.jsonl")}, 32)
+        load_manifest_domain(
+            {"manifest": str(root / "train.jsonl"), "eval_manifest": str(root / "test.jsonl")}, 32
+        )
     with pytest.raises(ValueError, match="no held-out pairs"):
         load_manifest_domain({"manifest": str(root / "train.jsonl")}, 32)

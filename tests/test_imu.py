@@ -84,8 +84,10 @@ def test_crop_pad_resample_and_normalise_to_2000_steps(tmp_path):
     torch.testing.assert_close(unit[:, :500].std(-1, correction=0), torch.ones(6))
     assert unit[:, 500:].abs().max() == 0  # padding sits at the channel mean
     stats = {"normalize": "stats", "mean": [0, 0, 9.81, 0, 0, 0], "std": [2.0] * 6}
-    torch.testing.assert_close(load(tmp_path / "long.npy", **{**OPTIONS, **stats}),
-                               (window - torch.tensor(stats["mean"]).view(6, 1)) / 2)
+    torch.testing.assert_close(
+        load(tmp_path / "long.npy", **{**OPTIONS, **stats}),
+        (window - torch.tensor(stats["mean"]).view(6, 1)) / 2,
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,8 +101,11 @@ def test_crop_pad_resample_and_normalise_to_2000_steps(tmp_path):
         ("empty.npy", lambda p: np.save(p, np.zeros((6, 0))), "contains no samples"),
         ("broken.npy", lambda p: p.write_bytes(b"\x93NUMPY garbage"), "cannot be read as .npy"),
         ("cols.csv", lambda p: write_csv(p, [[1, 2, 3, 4, 5]] * 3), "6 columns .* found 5"),
-        ("cell.csv", lambda p: write_csv(p, [[1] * 6, [1, 2, "x", 4, 5, 6]]),
-         r"cell.csv:2: column 3 holds 'x'"),
+        (
+            "cell.csv",
+            lambda p: write_csv(p, [[1] * 6, [1, 2, "x", 4, 5, 6]]),
+            r"cell.csv:2: column 3 holds 'x'",
+        ),
         ("head.csv", lambda p: write_csv(p, [], ["a"] * 6), "header but no samples"),
     ],
 )
@@ -142,8 +147,7 @@ def test_augmentation_is_a_function_of_the_generator():
     assert augment(x, False, generator=torch.Generator(), **OPTIONS) is x
     plain = {**OPTIONS, "scale": 0.0, "jitter": 0.0, "max_shift": 0}
     assert torch.equal(augment(x, True, generator=torch.Generator(), **plain), x)
-    scaled = augment(x, True, generator=torch.Generator().manual_seed(0),
-                     **{**plain, "scale": 0.2})
+    scaled = augment(x, True, generator=torch.Generator().manual_seed(0), **{**plain, "scale": 0.2})
     ratio = scaled / x
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))  # one factor per channel
     assert ((ratio[:, 0] >= 0.8) & (ratio[:, 0] <= 1.2)).all()
@@ -158,8 +162,14 @@ def write_imu_pairs(root, n: int) -> None:
     for i in range(n):
         Image.fromarray(np.full((16, 16, 3), 20 * (i % 10), dtype=np.uint8)).save(root / f"{i}.png")
         np.save(root / f"{i}.npy", recording(1800 + i, i))
-        rows.append({"vision": f"{i}.png", "imu": f"{i}.npy", "label": ["still", "moving"][i % 2],
-                     "split": "test" if i >= n - 8 else "train"})
+        rows.append(
+            {
+                "vision": f"{i}.png",
+                "imu": f"{i}.npy",
+                "label": ["still", "moving"][i % 2],
+                "split": "test" if i >= n - 8 else "train",
+            }
+        )
     with (root / "pairs.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -170,11 +180,19 @@ def test_imu_trains_from_a_manifest_and_reloads(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     write_imu_pairs(data, 40)
-    cfg = load_config(None, tiny_overrides(
-        tmp_path, "modality=imu", "data.dataset=manifest", f"data.root={data}",
-        "data.options.manifest=pairs.csv", "data.batch_size=16", "optim.max_steps=2",
-        "data.preprocess={normalize: channel}",
-    ))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            "modality=imu",
+            "data.dataset=manifest",
+            f"data.root={data}",
+            "data.options.manifest=pairs.csv",
+            "data.batch_size=16",
+            "optim.max_steps=2",
+            "data.preprocess={normalize: channel}",
+        ),
+    )
     metrics = train(cfg, quiet=True)
     saved = json.loads((tmp_path / "imu-manifest" / "metrics.json").read_text())
     assert saved["steps"] == 2 and saved["num_eval"] == 8 and saved["num_classes"] == 2
@@ -186,4 +204,3 @@ def test_imu_trains_from_a_manifest_and_reloads(tmp_path):
     assert config["preprocess"]["normalize"] == "channel"  # saved with the model
     window = load(data / "0.npy", **config["preprocess"])
     assert encoder(window[None]).shape == (1, 64)
-

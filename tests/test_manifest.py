@@ -42,23 +42,52 @@ def make_depth_pairs(root, n=20, test=0, size=(30, 40), seed=0):
         Image.fromarray(rgb).save(root / f"rgb/{i}.jpg")
         depth_mm = (1000 + 3000 * (1 - label) + rng.uniform(0, 500, size)).astype(np.uint16)
         Image.fromarray(depth_mm).save(root / f"depth/{i}.png")
-        rows.append({"id": f"pair{i}", "vision": f"rgb/{i}.jpg", "depth": f"depth/{i}.png",
-                     "fx": 500.0, "label": ["near", "far"][label],
-                     "split": "test" if i >= n - test else "train"})
+        rows.append(
+            {
+                "id": f"pair{i}",
+                "vision": f"rgb/{i}.jpg",
+                "depth": f"depth/{i}.png",
+                "fx": 500.0,
+                "label": ["near", "far"][label],
+                "split": "test" if i >= n - test else "train",
+            }
+        )
     return rows
 
 
 def depth_stats(root, mean=10.0, std=5.0):
-    (root / "stats.json").write_text(json.dumps({"depth": {
-        "mean": mean, "std": std, "options": {"representation": "disparity", "layout": "mm",
-                                              "max_depth": 8.0, "baseline": "auto"}}}))
+    (root / "stats.json").write_text(
+        json.dumps(
+            {
+                "depth": {
+                    "mean": mean,
+                    "std": std,
+                    "options": {
+                        "representation": "disparity",
+                        "layout": "mm",
+                        "max_depth": 8.0,
+                        "baseline": "auto",
+                    },
+                }
+            }
+        )
+    )
 
 
 def tiny_depth_config(tmp_path, root, *extra):
-    return load_config(None, tiny_overrides(
-        tmp_path / "runs", "modality=depth", "data.dataset=manifest", f"data.root={root}",
-        "data.batch_size=8", "data.preprocess={image_size: 32, layout: mm}",
-        "data.options={manifest: pairs.csv}", *extra))
+    return load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "runs",
+            "modality=depth",
+            "data.dataset=manifest",
+            f"data.root={root}",
+            "data.batch_size=8",
+            "data.preprocess={image_size: 32, layout: mm}",
+            "data.options={manifest: pairs.csv}",
+            *extra,
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +104,27 @@ def anchor():
 
 def test_csv_manifest_labels_captions_splits_and_meta(tmp_path):
     rows = [
-        {"id": "a", "vision": "x/a.jpg", "audio": "x/a.wav", "label": "dog", "caption": "woof",
-         "split": "train", "fold": "1", "box": "1 2 30 40", "note": "hello"},
-        {"id": "", "vision": "x/b.jpg", "audio": "", "label": "cat;dog", "caption_1": "one",
-         "caption_2": "two", "split": "test", "fold": "2"},
+        {
+            "id": "a",
+            "vision": "x/a.jpg",
+            "audio": "x/a.wav",
+            "label": "dog",
+            "caption": "woof",
+            "split": "train",
+            "fold": "1",
+            "box": "1 2 30 40",
+            "note": "hello",
+        },
+        {
+            "id": "",
+            "vision": "x/b.jpg",
+            "audio": "",
+            "label": "cat;dog",
+            "caption_1": "one",
+            "caption_2": "two",
+            "split": "test",
+            "fold": "2",
+        },
         {"id": "c", "vision": "x/c.jpg", "audio": "x/c.wav", "label": "1", "split": ""},
     ]
     path = write_csv(tmp_path / "m.csv", rows)
@@ -104,9 +150,17 @@ def test_csv_manifest_labels_captions_splits_and_meta(tmp_path):
 
 
 def test_jsonl_manifest(tmp_path):
-    lines = [{"vision": "v/0.jpg", "thermal": "t/0.png", "label": 0, "captions": ["a", "b"]},
-             {"id": "x", "vision": "v/1.jpg", "thermal": "t/1.png", "label": ["dog", "cat"],
-              "box": [0, 0, 5, 5], "fx": 520}]
+    lines = [
+        {"vision": "v/0.jpg", "thermal": "t/0.png", "label": 0, "captions": ["a", "b"]},
+        {
+            "id": "x",
+            "vision": "v/1.jpg",
+            "thermal": "t/1.png",
+            "label": ["dog", "cat"],
+            "box": [0, 0, 5, 5],
+            "fx": 520,
+        },
+    ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     records, names = read_manifest(path, root=tmp_path / "root", classnames=["cat", "dog"])
@@ -231,8 +285,14 @@ def test_prepare_videos_writes_frames_audio_and_manifest(tmp_path):
     summary = prepare_videos.main([str(videos), "--out", str(out), "--label-from-folder"])
     assert summary == {"videos": 3, "pairs": 1, "failed": 2, "manifest": str(out / "manifest.csv")}
     rows = list(csv.DictReader((out / "manifest.csv").open()))
-    assert rows == [{"id": "dog/clip", "vision": "frames/dog/clip.jpg",
-                     "audio": "audio/dog/clip.flac", "label": "dog"}]
+    assert rows == [
+        {
+            "id": "dog/clip",
+            "vision": "frames/dog/clip.jpg",
+            "audio": "audio/dog/clip.flac",
+            "label": "dog",
+        }
+    ]
     failures = {r["video"]: r["error"] for r in csv.DictReader((out / "failures.csv").open())}
     assert "no audio stream" in failures["dog/mute.mp4"] and "broken.mp4" in failures
     frame = np.asarray(Image.open(out / "frames/dog/clip.jpg"), dtype=np.float32)
@@ -244,8 +304,16 @@ def test_prepare_videos_writes_frames_audio_and_manifest(tmp_path):
     # The manifest loads as an audio dataset; frames become the anchor's input.
     records, names = read_manifest(out / "manifest.csv")
     assert names == ["dog"] and records[0].label == 0
-    cfg = load_config(None, ["modality=audio", "anchor.pretrained=null", "data.dataset=manifest",
-                             f"data.root={out}", "data.options={manifest: manifest.csv}"])
+    cfg = load_config(
+        None,
+        [
+            "modality=audio",
+            "anchor.pretrained=null",
+            "data.dataset=manifest",
+            f"data.root={out}",
+            "data.options={manifest: manifest.csv}",
+        ],
+    )
     from imagebind_lite.anchor import Anchor
 
     bundle = get_dataset_builder("manifest")(cfg, Anchor(cfg.anchor), get_modality("audio"))

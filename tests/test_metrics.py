@@ -44,12 +44,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_recall_at_k_and_median_rank_known_ranks():
     # Query i's positive (gallery i) is ranked 1, 2, 3 and 4 by construction.
-    sim = torch.tensor([
-        [0.9, 0.1, 0.0, 0.0],
-        [0.8, 0.5, 0.1, 0.0],
-        [0.9, 0.8, 0.7, 0.0],
-        [0.9, 0.8, 0.7, 0.6],
-    ])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],
+            [0.8, 0.5, 0.1, 0.0],
+            [0.9, 0.8, 0.7, 0.0],
+            [0.9, 0.8, 0.7, 0.6],
+        ]
+    )
     assert dense_ranks(sim).tolist() == [1, 2, 3, 4]
     r = retrieval_metrics(sim, ks=(1, 2, 3))
     assert r == {"R@1": 0.25, "R@2": 0.5, "R@3": 0.75, "median_rank": 2.0}
@@ -80,22 +82,28 @@ def test_chunked_ranks_equal_dense_on_10000_random_items():
     gallery = queries + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)
     chunked = chunked_ranks(queries, gallery, query_chunk=2500, gallery_chunk=4000)
     qn, gn = F.normalize(queries, dim=-1), F.normalize(gallery, dim=-1)
-    dense = torch.cat([
-        dense_ranks(qn[s : s + 2500] @ gn.T,
-                    torch.arange(s, min(s + 2500, n))[:, None] == torch.arange(n)[None])
-        for s in range(0, n, 2500)
-    ])
+    dense = torch.cat(
+        [
+            dense_ranks(
+                qn[s : s + 2500] @ gn.T,
+                torch.arange(s, min(s + 2500, n))[:, None] == torch.arange(n)[None],
+            )
+            for s in range(0, n, 2500)
+        ]
+    )
     assert torch.equal(chunked, dense)
     r = metrics_from_ranks(chunked)
     assert 0.05 < r["R@1"] < r["R@10"] < 1.0  # neither trivial nor hopeless
     # The argsort-based R@K of zero_shot agrees on a slice.
-    head = retrieval_metrics((qn[:500] @ gn.T).float(),
-                             positives=torch.arange(500)[:, None] == torch.arange(n)[None])
+    head = retrieval_metrics(
+        (qn[:500] @ gn.T).float(), positives=torch.arange(500)[:, None] == torch.arange(n)[None]
+    )
     assert head["R@1"] == pytest.approx(metrics_from_ranks(dense[:500])["R@1"])
     # Class-level positives (10 labels) take the two-pass path: still equal.
     labels = torch.randint(10, (n,), generator=g)
-    chunked = chunked_retrieval_metrics(queries[:1000], gallery, (1, 5), labels[:1000], labels,
-                                        gallery_chunk=3333)
+    chunked = chunked_retrieval_metrics(
+        queries[:1000], gallery, (1, 5), labels[:1000], labels, gallery_chunk=3333
+    )
     dense = dense_ranks(qn[:1000] @ gn.T, labels[:1000, None] == labels[None])
     assert chunked == metrics_from_ranks(dense, (1, 5))
 
@@ -112,8 +120,9 @@ def test_chunked_topk_equals_dense_topk():
 
 def test_a_query_without_positive_is_an_error():
     with pytest.raises(ValueError, match="no positive"):
-        chunked_ranks(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 5]),
-                      torch.tensor([0, 1, 2]))
+        chunked_ranks(
+            torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 5]), torch.tensor([0, 1, 2])
+        )
 
 
 def test_average_precision_known_values():
@@ -156,11 +165,13 @@ def test_class_scores_take_the_best_name_of_a_class():
 def test_alignment_accuracy_counts_strict_wins_over_every_negative():
     items = E[:3]
     positives = torch.stack([E[0], E[1], E[0]])  # item 2's positive is orthogonal to it
-    negatives = torch.stack([
-        torch.stack([E[1], E[2]]),
-        torch.stack([E[0], 0.5 * E[1] + 0.5 * E[2]]),  # cosine 0.71 < 1: still beaten
-        torch.stack([E[2], E[3]]),  # cosine 1 to item 2: beats its positive
-    ])
+    negatives = torch.stack(
+        [
+            torch.stack([E[1], E[2]]),
+            torch.stack([E[0], 0.5 * E[1] + 0.5 * E[2]]),  # cosine 0.71 < 1: still beaten
+            torch.stack([E[2], E[3]]),  # cosine 1 to item 2: beats its positive
+        ]
+    )
     assert alignment_accuracy(items, positives, negatives) == pytest.approx(2 / 3)
     ragged = [negatives[0], negatives[1][:1], negatives[2]]
     assert alignment_accuracy(items, positives, ragged) == pytest.approx(2 / 3)
@@ -224,8 +235,9 @@ def test_embeddings_file_roundtrip_cache_and_search(tmp_path):
 def test_arithmetic_and_inputs():
     summed = combine([E[0], 2 * E[1]])
     assert torch.allclose(summed, F.normalize(E[0] + E[1], dim=0))
-    assert torch.allclose(combine([E[0] + E[1]], [E[1]]), F.normalize(
-        F.normalize(E[0] + E[1], dim=0) - E[1], dim=0))
+    assert torch.allclose(
+        combine([E[0] + E[1]], [E[1]]), F.normalize(F.normalize(E[0] + E[1], dim=0) - E[1], dim=0)
+    )
     assert cosine(E[0], E[0] + E[1]) == pytest.approx(1 / math.sqrt(2))
     assert parse_input("text:a dog: barking") == ("text", "a dog: barking")
     assert parse_input("depth:x.png") == ("depth", "x.png")

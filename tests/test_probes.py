@@ -50,8 +50,10 @@ def test_text_probe_sets_are_generated_pairs_of_different_texts():
     pairs = text_probe_pairs()
     assert set(pairs) == {"negation", "counting", "spatial", "abstract", "rare"}
     assert ("a photo of a dog.", "a photo with no dog.") in pairs["negation"]
-    assert ("a photo of a dog to the left of a cat.",
-            "a photo of a cat to the left of a dog.") in pairs["spatial"]
+    assert (
+        "a photo of a dog to the left of a cat.",
+        "a photo of a cat to the left of a dog.",
+    ) in pairs["spatial"]
     assert all(a != b for family in pairs.values() for a, b in family)
 
 
@@ -69,8 +71,15 @@ def test_item_probe_known_answer():
     texts = ["red", "blue", "green"]
     emb = F.normalize(encode(texts), dim=-1)
     items = torch.stack([emb[0], emb[1], emb[0]])
-    result = item_probe("colour", "control", "vision", items, ["red", "blue", "green"],
-                        ["blue", "red", "red"], encode)
+    result = item_probe(
+        "colour",
+        "control",
+        "vision",
+        items,
+        ["red", "blue", "green"],
+        ["blue", "red", "red"],
+        encode,
+    )
     assert result.accuracy == pytest.approx(2 / 3)  # item 2 looks red, its true text is green
     assert result.chance == 0.5 and result.pairs == 3
 
@@ -88,8 +97,9 @@ def test_digit_negation_probes_on_a_bag_of_words_space():
 
 
 def test_rendered_scenes_put_shapes_where_asked():
-    scenes = render_probe_scenes([[(0, 0.25, 0.5, 0.15)], [(0, 0.25, 0.5, 0.12),
-                                                            (0, 0.75, 0.5, 0.12)]], size=32)
+    scenes = render_probe_scenes(
+        [[(0, 0.25, 0.5, 0.15)], [(0, 0.25, 0.5, 0.12), (0, 0.75, 0.5, 0.12)]], size=32
+    )
     assert scenes["rgb"].shape == (2, 3, 32, 32) and scenes["depth"].shape == (2, 1, 32, 32)
     warm = scenes["thermal"] > 0.55  # shapes 0.6-0.9, the room at most 0.45
     left, right = warm[..., :16].sum((1, 2, 3)), warm[..., 16:].sum((1, 2, 3))
@@ -109,12 +119,19 @@ def test_scene_probes_with_an_encoder_that_sees_position_and_count():
         left, right = warm[..., :16].sum((1, 2)), warm[..., 16:].sum((1, 2))
         # One shape stands in the middle; two stand apart, leaving the middle columns cold.
         middle = warm[..., 15:17].any(-1).any(-1)
-        texts = [f"{'one' if m else 'two'} on the {'left' if lft > rgt else 'right'}"
-                 for m, lft, rgt in zip(middle.tolist(), left.tolist(), right.tolist())]
+        texts = [
+            f"{'one' if m else 'two'} on the {'left' if lft > rgt else 'right'}"
+            for m, lft, rgt in zip(middle.tolist(), left.tolist(), right.tolist())
+        ]
         return encode(texts)
 
-    results = scene_probes({"thermal": oracle}, encode, num=20, size=32,
-                           normalisation={"thermal": {"mean": 0.0, "std": 1.0}})
+    results = scene_probes(
+        {"thermal": oracle},
+        encode,
+        num=20,
+        size=32,
+        normalisation={"thermal": {"mean": 0.0, "std": 1.0}},
+    )
     by = {r.probe: r for r in results}
     assert by["left vs right"].accuracy == 1.0
     assert by["one vs two shapes"].accuracy == 1.0
@@ -150,14 +167,16 @@ def test_shots_splits_and_few_shot_accuracy():
     train_y, test_y = torch.arange(3).repeat(10), torch.arange(3).repeat(5)
     train_x = centres[train_y] + 0.2 * torch.randn(30, 3, generator=g)
     test_x = centres[test_y] + 0.2 * torch.randn(15, 3, generator=g)
-    result = linear_probe(train_x, train_y, test_x, test_y, 3, shots=(1, 5, None), seeds=2,
-                          grid=(1e-3, 1e-1))
+    result = linear_probe(
+        train_x, train_y, test_x, test_y, 3, shots=(1, 5, None), seeds=2, grid=(1e-3, 1e-1)
+    )
     assert set(result) == {"1", "5", "all"}
     assert result["all"]["top1"] == 1.0 and len(result["1"]["runs"]) == 2
     assert result["5"]["train_items"] == 15
     folds = [1, 2] * 15
-    folded = folded_linear_probe(train_x, train_y, folds, num_classes=3, shots=(None,),
-                                 grid=(1e-2,))
+    folded = folded_linear_probe(
+        train_x, train_y, folds, num_classes=3, shots=(None,), grid=(1e-2,)
+    )
     assert set(folded["per_fold"]) == {"1", "2"} and folded["mean"]["all"]["top1"] == 1.0
 
 

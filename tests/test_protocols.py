@@ -32,8 +32,7 @@ from imagebind_lite.evaluation.space import Space
 from imagebind_lite.modalities import build_encoder
 
 AUDIO = sorted((ASSETS / "avmnist" / "audio").glob("*.flac"))
-AUDIO_PREPROCESS = {"num_clips": 1, "clip_duration": 1.12, "num_mel_bins": 64,
-                    "target_length": 112}
+AUDIO_PREPROCESS = {"num_clips": 1, "clip_duration": 1.12, "num_mel_bins": 64, "target_length": 112}
 SENSOR_PREPROCESS = {"image_size": 32, "mean": 20.0, "std": 10.0}
 TINY = {"depth": 1, "width": 32, "heads": 2}
 
@@ -60,20 +59,29 @@ def make_esc50(root: Path, per_class: int = 1) -> Path:
             for _ in range(per_class):
                 name = f"{fold}-{n}-A-{target}.flac"
                 _clip(root / "audio" / name, n)
-                rows.append([name, fold, target, ESC50_CLASSES[target].replace(" ", "_"),
-                             "False", n, "A"])
+                rows.append(
+                    [name, fold, target, ESC50_CLASSES[target].replace(" ", "_"), "False", n, "A"]
+                )
                 n += 1
-    _write_csv(root / "meta" / "esc50.csv", rows,
-               ["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+    _write_csv(
+        root / "meta" / "esc50.csv",
+        rows,
+        ["filename", "fold", "target", "category", "esc10", "src_file", "take"],
+    )
     return root
 
 
 def make_audioset(root: Path) -> Path:
-    _write_csv(root / "class_labels_indices.csv",
-               [[0, "/m/a", "Speech"], [1, "/m/b", "Music"], [2, "/m/c", "Dog"]],
-               ["index", "mid", "display_name"])
-    lines = ["# Segments csv created", "# num_ytids=4", "# YTID, start_seconds, end_seconds, "
-             "positive_labels"]
+    _write_csv(
+        root / "class_labels_indices.csv",
+        [[0, "/m/a", "Speech"], [1, "/m/b", "Music"], [2, "/m/c", "Dog"]],
+        ["index", "mid", "display_name"],
+    )
+    lines = [
+        "# Segments csv created",
+        "# num_ytids=4",
+        "# YTID, start_seconds, end_seconds, positive_labels",
+    ]
     labels = ['"/m/a"', '"/m/a,/m/b"', '"/m/c"', '"/m/b,/m/c"']
     for i, label in enumerate(labels):
         lines.append(f"vid{i}, 30.000, 40.000, {label}")
@@ -84,8 +92,14 @@ def make_audioset(root: Path) -> Path:
 
 def make_vggsound(root: Path) -> Path:
     rows = []
-    for i, (label, split) in enumerate([("dog barking", "test"), ("church bell ringing", "test"),
-                                        ("dog barking", "train"), ("playing piano", "test")]):
+    for i, (label, split) in enumerate(
+        [
+            ("dog barking", "test"),
+            ("church bell ringing", "test"),
+            ("dog barking", "train"),
+            ("playing piano", "test"),
+        ]
+    ):
         rows.append([f"yt{i}", "1", label, split])
         _clip(root / "audio" / f"yt{i}_000001.flac", i)
     _write_csv(root / "vggsound.csv", rows)
@@ -97,8 +111,11 @@ def make_clotho(root: Path, clips: int = 3) -> Path:
     for i in range(clips):
         _clip(root / "evaluation" / f"clip{i}.flac", i)
         rows.append([f"clip{i}.flac", *[f"sound {i} caption {c}" for c in range(5)]])
-    _write_csv(root / "clotho_captions_evaluation.csv", rows,
-               ["file_name", *[f"caption_{c}" for c in range(1, 6)]])
+    _write_csv(
+        root / "clotho_captions_evaluation.csv",
+        rows,
+        ["file_name", *[f"caption_{c}" for c in range(1, 6)]],
+    )
     return root
 
 
@@ -158,7 +175,8 @@ def make_llvip(root: Path) -> Path:
         (root / "Annotations" / f"{i:06d}.xml").write_text(
             "<annotation><size><width>96</width><height>64</height></size>"
             "<object><name>person</name><bndbox><xmin>5</xmin><ymin>10</ymin><xmax>25</xmax>"
-            "<ymax>50</ymax></bndbox></object></annotation>")
+            "<ymax>50</ymax></bndbox></object></annotation>"
+        )
     return root
 
 
@@ -171,8 +189,11 @@ def space():
     torch.manual_seed(0)
     anchor = Anchor(AnchorConfig())
     encoders, configs = {}, {}
-    for modality, pre in (("audio", AUDIO_PREPROCESS), ("depth", SENSOR_PREPROCESS),
-                          ("thermal", SENSOR_PREPROCESS)):
+    for modality, pre in (
+        ("audio", AUDIO_PREPROCESS),
+        ("depth", SENSOR_PREPROCESS),
+        ("thermal", SENSOR_PREPROCESS),
+    ):
         encoders[modality] = build_encoder(modality, anchor.embed_dim, "tiny", TINY, pre).eval()
         configs[modality] = {"preprocess": pre}
     return Space(anchor, encoders, configs)
@@ -228,8 +249,10 @@ def test_vggsound_keeps_the_test_split(space, tmp_path):
     assert "27.8" in format_table(result)
 
 
-@pytest.mark.parametrize("name,make,clips,captions", [
-    ("clotho", make_clotho, 3, 15), ("audiocaps", make_audiocaps, 2, 4)])
+@pytest.mark.parametrize(
+    "name,make,clips,captions",
+    [("clotho", make_clotho, 3, 15), ("audiocaps", make_audiocaps, 2, 4)],
+)
 def test_caption_retrieval_every_caption_is_a_query(space, tmp_path, name, make, clips, captions):
     result = evaluate_protocol(name, make(tmp_path / name), space)
     m = result["metrics"]
@@ -252,12 +275,18 @@ def test_sund_keeps_its_19_classes(space, tmp_path):
 
 def test_nyud_folds_other_scenes_into_other(space, tmp_path):
     protocol = get_protocol("nyud")
-    records = [Record(str(i), {}, None, meta={"scene": s})
-               for i, s in enumerate(["kitchen", "excercise_room", "living_room", "cafe"])]
+    records = [
+        Record(str(i), {}, None, meta={"scene": s})
+        for i, s in enumerate(["kitchen", "excercise_room", "living_room", "cafe"])
+    ]
     _, labels, names, _ = prepare_records(protocol, records, None)
     other = NYU_D_CLASSES.index("other")
-    assert labels == [NYU_D_CLASSES.index("kitchen"), other, NYU_D_CLASSES.index("living room"),
-                      other]
+    assert labels == [
+        NYU_D_CLASSES.index("kitchen"),
+        other,
+        NYU_D_CLASSES.index("living room"),
+        other,
+    ]
     assert len(NYU_D_OTHER_SCENES) == 18 and not set(NYU_D_OTHER_SCENES) & set(NYU_D_CLASSES)
     result = evaluate_protocol("nyud", make_nyud(tmp_path / "nyud"), space)
     assert result["num_evaluated"] == 4 and len(result["metrics"]["confusion_matrix"]) == 10
@@ -272,8 +301,16 @@ def test_llvip_scores_person_and_background_crops(space, tmp_path):
 
 
 def test_every_protocol_has_its_published_number():
-    published = {"esc50": 66.9, "audioset": 17.6, "vggsound": 27.8, "sund": 35.1, "nyud": 54.0,
-                 "llvip": 63.4, "clotho": 6.0, "audiocaps": 9.3}
+    published = {
+        "esc50": 66.9,
+        "audioset": 17.6,
+        "vggsound": 27.8,
+        "sund": 35.1,
+        "nyud": 54.0,
+        "llvip": 63.4,
+        "clotho": 6.0,
+        "audiocaps": 9.3,
+    }
     for name, value in published.items():
         refs = [r for r in PROTOCOLS[name].references if r.model == "ImageBind"]
         assert refs[0].value == value

@@ -36,15 +36,28 @@ def written(tmp_path):
     write_csv(root / "pairs.csv", rows)
     depth_stats(root)
     out = tmp_path / "shards"
-    index = write_shards.main(["--manifest", "pairs.csv", "--root", str(root), "--out", str(out),
-                               "--shard-size", "3", "--split", "train"])
+    index = write_shards.main(
+        [
+            "--manifest",
+            "pairs.csv",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--shard-size",
+            "3",
+            "--split",
+            "train",
+        ]
+    )
     return root, out, index
 
 
 def sampler_for(cfg, anchor):
     spec = get_modality("depth")
-    return PairSampler(spec, {**spec.preprocess, **cfg.data.preprocess, "mean": 10.0,
-                              "std": 5.0}, anchor)
+    return PairSampler(
+        spec, {**spec.preprocess, **cfg.data.preprocess, "mean": 10.0, "std": 5.0}, anchor
+    )
 
 
 def test_shards_hold_the_manifest_pairs(written, tmp_path, anchor):
@@ -70,8 +83,9 @@ def test_shards_hold_the_manifest_pairs(written, tmp_path, anchor):
             assert torch.equal(a["depth"], b["depth"]) and torch.equal(a["vision"], b["vision"])
 
 
-def test_resampled_streams_differ_by_rank_and_decode_the_same(written, tmp_path, anchor,
-                                                              monkeypatch):
+def test_resampled_streams_differ_by_rank_and_decode_the_same(
+    written, tmp_path, anchor, monkeypatch
+):
     root, out, _ = written
     cfg = tiny_depth_config(tmp_path, root)
     sampler = sampler_for(cfg, anchor)
@@ -97,8 +111,12 @@ def test_registered_shards_dataset_trains(written, tmp_path, anchor):
     from imagebind_lite.train import train
 
     root, out, _ = written
-    extra = [f"data.root={out}", "data.dataset=shards",
-             "data.options={access: stream, epoch_size: 16}", "optim.max_steps=2"]
+    extra = [
+        f"data.root={out}",
+        "data.dataset=shards",
+        "data.options={access: stream, epoch_size: 16}",
+        "optim.max_steps=2",
+    ]
     cfg = tiny_depth_config(tmp_path, root, *extra)
     bundle = get_dataset_builder("shards")(cfg, anchor, get_modality("depth"))
     assert len(bundle.train) == 16 and bundle.eval is None and bundle.classnames == ["far", "near"]

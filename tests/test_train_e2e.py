@@ -77,14 +77,25 @@ def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
 
 def _launch(args, tmp_path, **kw):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
 
 
 def test_two_ranks_train_as_one_global_batch(tmp_path):
-    args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "train/align_depth.py",
-            *depth_overrides(tmp_path, "data.batch_size=16")]
+    args = [
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "train/align_depth.py",
+        *depth_overrides(tmp_path, "data.batch_size=16"),
+    ]
     proc = _launch(args, tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -97,13 +108,24 @@ def test_two_ranks_train_as_one_global_batch(tmp_path):
 def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     common = ["train/align_depth.py"]
     base = depth_overrides(tmp_path / "a", "optim.epochs=3")
-    reference = subprocess.run([sys.executable, *common, *base], cwd=REPO, env=ENV,
-                               capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(
+        [sys.executable, *common, *base],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3")
-    proc = subprocess.Popen([sys.executable, *common, *interrupted], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *common, *interrupted],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run = tmp_path / "b" / "depth-synthetic_scenes"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -115,8 +137,14 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     proc.wait()
     assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
 
-    resumed = subprocess.run([sys.executable, *common, "--resume", *interrupted], cwd=REPO,
-                             env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, *common, "--resume", *interrupted],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed" in resumed.stdout + resumed.stderr
     a = load_file(str(tmp_path / "a/depth-synthetic_scenes/model/model.safetensors"))

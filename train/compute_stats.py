@@ -34,21 +34,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help=f"output JSON (default: ROOT/{STATS_FILE})")
     parser.add_argument("--max-files", type=int, help="measure a seeded random subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="preprocessing option, as in data.preprocess")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="layout option (read_layout), e.g. crops=none")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="preprocessing option, as in data.preprocess",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="layout option (read_layout), e.g. crops=none",
+    )
     args = parser.parse_args(argv)
 
-    records, _, where = load_records(args.root, args.manifest, args.layout, args.split,
-                                     parse_key_values(args.option))
-    entry = compute_sensor_stats(args.modality, records, args.root, parse_key_values(args.set),
-                                 args.max_files, args.seed)
+    records, _, where = load_records(
+        args.root, args.manifest, args.layout, args.split, parse_key_values(args.option)
+    )
+    entry = compute_sensor_stats(
+        args.modality, records, args.root, parse_key_values(args.set), args.max_files, args.seed
+    )
     entry["source"] = f"{where} --split {args.split}"
-    out = write_stats(Path(args.out) if args.out else Path(args.root) / STATS_FILE,
-                      args.modality, entry)
-    print(json.dumps({"stats": str(out), **{k: entry[k] for k in
-                                            ("mean", "std", "files", "pixels", "skipped")}}))
+    out = write_stats(
+        Path(args.out) if args.out else Path(args.root) / STATS_FILE, args.modality, entry
+    )
+    print(
+        json.dumps(
+            {
+                "stats": str(out),
+                **{k: entry[k] for k in ("mean", "std", "files", "pixels", "skipped")},
+            }
+        )
+    )
     return entry
 
 

@@ -84,8 +84,9 @@ def audio_track(path: Path, sample_rate: int) -> np.ndarray:
     return wav
 
 
-def prepare_one(video: Path, rel: Path, out: Path, sample_rate: int, audio_format: str,
-                overwrite: bool) -> tuple[str, str]:
+def prepare_one(
+    video: Path, rel: Path, out: Path, sample_rate: int, audio_format: str, overwrite: bool
+) -> tuple[str, str]:
     """-> (frame path, audio path) relative to ``out``; raises ValueError/av errors."""
     frame_rel = Path("frames") / rel.with_suffix(".jpg")
     audio_rel = Path("audio") / rel.with_suffix(f".{audio_format}")
@@ -96,8 +97,7 @@ def prepare_one(video: Path, rel: Path, out: Path, sample_rate: int, audio_forma
     if overwrite or not (out / audio_rel).is_file():
         wav = audio_track(video, sample_rate)
         (out / audio_rel).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(out / audio_rel, wav, sample_rate, subtype="PCM_16",
-                 format=audio_format.upper())
+        sf.write(out / audio_rel, wav, sample_rate, subtype="PCM_16", format=audio_format.upper())
     return frame_rel.as_posix(), audio_rel.as_posix()
 
 
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output folder (the dataset root)")
     parser.add_argument("--sample-rate", type=int, default=16000)
     parser.add_argument("--audio-format", choices=["flac", "wav"], default="flac")
-    parser.add_argument("--label-from-folder", action="store_true",
-                        help="label = the first folder under VIDEOS")
+    parser.add_argument(
+        "--label-from-folder", action="store_true", help="label = the first folder under VIDEOS"
+    )
     parser.add_argument("--workers", type=int, default=1, help="videos decoded in parallel")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -125,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     def work(item):
         video, rel = item
         try:
-            return prepare_one(video, rel, out, args.sample_rate, args.audio_format,
-                               args.overwrite), None
+            return prepare_one(
+                video, rel, out, args.sample_rate, args.audio_format, args.overwrite
+            ), None
         # PyAV raises av.error.* (OSError/ValueError subclasses) for broken containers/codecs.
         except (ValueError, OSError, RuntimeError) as err:
             return None, f"{type(err).__name__}: {err}"
@@ -152,8 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
         writer = csv.DictWriter(handle, fieldnames=["video", "error"])
         writer.writeheader()
         writer.writerows(failures)
-    summary = {"videos": len(videos), "pairs": len(rows), "failed": len(failures),
-               "manifest": str(out / "manifest.csv")}
+    summary = {
+        "videos": len(videos),
+        "pairs": len(rows),
+        "failed": len(failures),
+        "manifest": str(out / "manifest.csv"),
+    }
     print(json.dumps(summary))
     return summary
 

@@ -29,17 +29,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", help="keep one split (rows' split column, or the layout's)")
     parser.add_argument("--keys", help="comma-separated files to store (default: all)")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="layout option (read_layout)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="layout option (read_layout)",
+    )
     args = parser.parse_args(argv)
 
-    records, classnames, where = load_records(args.root, args.manifest, args.layout, args.split,
-                                              parse_key_values(args.option))
-    index = write_shards(records, args.root, args.out, args.shard_size,
-                         args.keys.split(",") if args.keys else None, classnames,
-                         source=where, prefix=args.prefix)
-    print(json.dumps({k: index[k] for k in ("num_samples", "keys", "skipped")}
-                     | {"shards": len(index["shards"]), "out": args.out}))
+    records, classnames, where = load_records(
+        args.root, args.manifest, args.layout, args.split, parse_key_values(args.option)
+    )
+    index = write_shards(
+        records,
+        args.root,
+        args.out,
+        args.shard_size,
+        args.keys.split(",") if args.keys else None,
+        classnames,
+        source=where,
+        prefix=args.prefix,
+    )
+    print(
+        json.dumps(
+            {k: index[k] for k in ("num_samples", "keys", "skipped")}
+            | {"shards": len(index["shards"]), "out": args.out}
+        )
+    )
     return index
 
 

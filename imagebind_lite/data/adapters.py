@@ -157,8 +157,11 @@ def _select_files(records_files, require, missing, name):
         if absent and missing == "drop":
             dropped += 1
             continue
-        record.paths = {k: (found.get(k) or expected[k]) for k in expected
-                        if found.get(k) is not None or k in require}
+        record.paths = {
+            k: (found.get(k) or expected[k])
+            for k in expected
+            if found.get(k) is not None or k in require
+        }
         out.append(record)
     if dropped:
         warnings.warn(f"{name}: dropped {dropped} records whose files are missing", stacklevel=3)
@@ -208,10 +211,17 @@ def _esc50(root: Path, fold=None, missing: str = "keep", require=("audio",)):
         if folds and int(r["fold"]) not in folds:
             continue
         record = Record(
-            id=Path(r["filename"]).stem, paths={}, label=int(r["target"]), split=None,
+            id=Path(r["filename"]).stem,
+            paths={},
+            label=int(r["target"]),
+            split=None,
             fold=int(r["fold"]),
-            meta={"category": r["category"], "esc10": r.get("esc10", "").strip() == "True",
-                  "src_file": r.get("src_file"), "take": r.get("take")},
+            meta={
+                "category": r["category"],
+                "esc10": r.get("esc10", "").strip() == "True",
+                "src_file": r.get("src_file"),
+                "take": r.get("take"),
+            },
         )
         found = audio.find([Path(r["filename"]).stem], [Path(r["filename"]).suffix or ".wav"])
         items.append((record, {"audio": found}, {"audio": root / "audio" / r["filename"]}))
@@ -233,17 +243,25 @@ def _av_items(root: Path, ytid: str, starts: list[str], folders):
     audio, frames = folders
     stems = [f"{ytid}_{s}" for s in starts]
     found = {"audio": audio.find(stems, AUDIO_EXTS), "vision": frames.find(stems, FRAME_EXTS)}
-    expected = {"audio": root / "audio" / f"{stems[0]}.flac",
-                "vision": root / "frames" / f"{stems[0]}.jpg"}
+    expected = {
+        "audio": root / "audio" / f"{stems[0]}.flac",
+        "vision": root / "frames" / f"{stems[0]}.jpg",
+    }
     return found, expected
 
 
 @_layout("audioset")
-def _audioset(root: Path, split: str | None = "balanced_train", segments: str | None = None,
-              missing: str = "drop", require=("audio",)):
+def _audioset(
+    root: Path,
+    split: str | None = "balanced_train",
+    segments: str | None = None,
+    missing: str = "drop",
+    require=("audio",),
+):
     if not (split or segments):
-        raise ValueError("audioset: give split= (balanced_train, unbalanced_train, eval) or "
-                         "segments=FILE")
+        raise ValueError(
+            "audioset: give split= (balanced_train, unbalanced_train, eval) or segments=FILE"
+        )
     classnames, mids = _audioset_classes(root)
     table = root / (segments or f"{split}_segments.csv")
     if not table.is_file():
@@ -268,13 +286,20 @@ def _audioset(root: Path, split: str | None = "balanced_train", segments: str | 
             starts = _start_strings(start)
             # Whole seconds (all of AudioSet) name files and ids without the ".000".
             short = starts[1] if len(starts) > 1 and starts[1].isdigit() else starts[0]
-            record = Record(id=f"{ytid}_{short}", paths={}, label=labels, split=split,
-                            meta={"ytid": ytid, "start": start.strip(), "end": end.strip()})
+            record = Record(
+                id=f"{ytid}_{short}",
+                paths={},
+                label=labels,
+                split=split,
+                meta={"ytid": ytid, "start": start.strip(), "end": end.strip()},
+            )
             found, expected = _av_items(root, ytid, [short] + starts, folders)
             items.append((record, found, expected))
     if unknown:
-        warnings.warn(f"audioset: {sum(unknown.values())} labels not in class_labels_indices.csv",
-                      stacklevel=2)
+        warnings.warn(
+            f"audioset: {sum(unknown.values())} labels not in class_labels_indices.csv",
+            stacklevel=2,
+        )
     records, dropped = _select_files(items, require, missing, "audioset")
     return records, classnames, {"dropped_missing": dropped, "segments": str(table)}
 
@@ -298,8 +323,13 @@ def _vggsound(root: Path, split: str | None = None, missing: str = "drop", requi
         if split is not None and row_split != split:
             continue
         starts = _start_strings(start)
-        record = Record(id=f"{ytid}_{starts[0]}", paths={}, label=index[label.strip()],
-                        split=row_split, meta={"ytid": ytid, "start": start.strip()})
+        record = Record(
+            id=f"{ytid}_{starts[0]}",
+            paths={},
+            label=index[label.strip()],
+            split=row_split,
+            meta={"ytid": ytid, "start": start.strip()},
+        )
         found, expected = _av_items(root, ytid, starts, folders)
         items.append((record, found, expected))
     records, dropped = _select_files(items, require, missing, "vggsound")
@@ -337,9 +367,12 @@ def _audiocaps(root: Path, split: str = "test", missing: str = "keep", require=(
     for r in rows:
         key = (r["youtube_id"].strip(), r["start_time"].strip())
         if key not in grouped:
-            grouped[key] = Record(id=f"{key[0]}_{key[1]}", paths={}, split=split,
-                                  meta={"youtube_id": key[0], "start_time": float(key[1]),
-                                        "audiocap_ids": []})
+            grouped[key] = Record(
+                id=f"{key[0]}_{key[1]}",
+                paths={},
+                split=split,
+                meta={"youtube_id": key[0], "start_time": float(key[1]), "audiocap_ids": []},
+            )
         grouped[key].captions.append(r["caption"].strip())
         grouped[key].meta["audiocap_ids"].append(r["audiocap_id"])
     folder = _Folder(root / split)
@@ -370,7 +403,7 @@ def _sunrgbd_key(path: str) -> str:
     """A frame folder as SUN RGB-D names it: the part after ``SUNRGBD/``, no slashes at the ends."""
     text = path.replace("\\", "/").strip("/")
     marker = "SUNRGBD/"
-    return text[text.index(marker) + len(marker):] if marker in text else text
+    return text[text.index(marker) + len(marker) :] if marker in text else text
 
 
 def _sunrgbd_splits(root: Path, split_file) -> tuple[dict[str, str], str | None]:
@@ -388,8 +421,10 @@ def _sunrgbd_splits(root: Path, split_file) -> tuple[dict[str, str], str | None]
             try:
                 from scipy.io import loadmat
             except ImportError:
-                raise ImportError("sunrgbd: reading allsplit.mat needs scipy (pip install scipy)"
-                                  " or give the split as JSON") from None
+                raise ImportError(
+                    "sunrgbd: reading allsplit.mat needs scipy (pip install scipy)"
+                    " or give the split as JSON"
+                ) from None
             mat = loadmat(str(path), squeeze_me=True)
             data = {"train": list(mat["alltrain"]), "test": list(mat["alltest"])}
         out = {}
@@ -412,8 +447,14 @@ def _label_scenes(records: list[Record], classnames):
 
 
 @_layout("sunrgbd")
-def _sunrgbd(root: Path, split: str | None = None, depth: str = "depth_bfx", split_file=None,
-             classnames=None, missing: str = "keep"):
+def _sunrgbd(
+    root: Path,
+    split: str | None = None,
+    depth: str = "depth_bfx",
+    split_file=None,
+    classnames=None,
+    missing: str = "keep",
+):
     from .depth import resolve_baseline, sensor_of
 
     if depth not in ("depth_bfx", "depth"):
@@ -428,8 +469,10 @@ def _sunrgbd(root: Path, split: str | None = None, depth: str = "depth_bfx", spl
         scene_dir = Path(folder)
         depth_dir = scene_dir / (depth if (scene_dir / depth).is_dir() else "depth")
         rel = scene_dir.relative_to(root).as_posix()
-        paths = {"vision": _first_file(scene_dir / "image", IMAGE_EXTS),
-                 "depth": _first_file(depth_dir, (".png",))}
+        paths = {
+            "vision": _first_file(scene_dir / "image", IMAGE_EXTS),
+            "depth": _first_file(depth_dir, (".png",)),
+        }
         if any(p is None for p in paths.values()):
             if missing == "drop":
                 dropped += 1
@@ -438,23 +481,35 @@ def _sunrgbd(root: Path, split: str | None = None, depth: str = "depth_bfx", spl
         if (scene_dir / "intrinsics.txt").is_file():
             paths["intrinsics"] = scene_dir / "intrinsics.txt"
         sensor = sensor_of(rel)
-        meta = {"scene": _read_text(scene_dir / "scene.txt"), "sensor": sensor,
-                "baseline": resolve_baseline("auto", rel), "depth_dir": depth_dir.name,
-                "layout": "sunrgbd"}
+        meta = {
+            "scene": _read_text(scene_dir / "scene.txt"),
+            "sensor": sensor,
+            "baseline": resolve_baseline("auto", rel),
+            "depth_dir": depth_dir.name,
+            "layout": "sunrgbd",
+        }
         record_split = splits.get(_sunrgbd_key(rel)) if splits else None
         if split is not None and splits and record_split != split:
             continue
         records.append(Record(rel, paths, None, [], record_split, None, meta))
     if split is not None and not splits:
-        warnings.warn(f"sunrgbd: no split file under {root}: split={split!r} ignored, all "
-                      f"{len(records)} frames returned", stacklevel=3)
+        warnings.warn(
+            f"sunrgbd: no split file under {root}: split={split!r} ignored, all "
+            f"{len(records)} frames returned",
+            stacklevel=3,
+        )
     names = _label_scenes(records, classnames)
     return records, names, {"split_source": split_source, "dropped_missing": dropped}
 
 
 @_layout("nyud")
-def _nyud(root: Path, split: str | None = None, classnames=None, fx: float | None = None,
-          missing: str = "keep"):
+def _nyud(
+    root: Path,
+    split: str | None = None,
+    classnames=None,
+    fx: float | None = None,
+    missing: str = "keep",
+):
     from .depth import NYU_FX, SENSOR_BASELINES
 
     splits = [split] if split else sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -464,15 +519,20 @@ def _nyud(root: Path, split: str | None = None, classnames=None, fx: float | Non
         if not base.is_dir():
             raise FileNotFoundError(f"nyud: split folder not found: {base}")
         for frame in sorted(p for p in base.iterdir() if p.is_dir()):
-            image = next((frame / f"image{e}" for e in IMAGE_EXTS
-                          if (frame / f"image{e}").is_file()), None)
+            image = next(
+                (frame / f"image{e}" for e in IMAGE_EXTS if (frame / f"image{e}").is_file()), None
+            )
             depth = frame / "depth.png"
             if (image is None or not depth.is_file()) and missing == "drop":
                 dropped += 1
                 continue
             paths = {"vision": image or frame / "image.png", "depth": depth}
-            meta = {"scene": _read_text(frame / "scene.txt"), "layout": "mm",
-                    "sensor": "kv1", "baseline": SENSOR_BASELINES["kv1"]}
+            meta = {
+                "scene": _read_text(frame / "scene.txt"),
+                "layout": "mm",
+                "sensor": "kv1",
+                "baseline": SENSOR_BASELINES["kv1"],
+            }
             if (frame / "intrinsics.txt").is_file():
                 paths["intrinsics"] = frame / "intrinsics.txt"
             else:
@@ -532,8 +592,14 @@ def _background_boxes(persons, width, height, count, rng: random.Random) -> list
 
 
 @_layout("llvip")
-def _llvip(root: Path, split: str = "test", crops: str = "both", seed: int = 0,
-           backgrounds_per_image: int | None = None, missing: str = "keep"):
+def _llvip(
+    root: Path,
+    split: str = "test",
+    crops: str = "both",
+    seed: int = 0,
+    backgrounds_per_image: int | None = None,
+    missing: str = "keep",
+):
     if crops not in ("both", "person", "background", "none"):
         raise ValueError(f"llvip: crops must be both, person, background or none, got {crops!r}")
     visible, infrared = root / "visible" / split, root / "infrared" / split
@@ -564,20 +630,44 @@ def _llvip(root: Path, split: str = "test", crops: str = "both", seed: int = 0,
         persons = [b for name, b in objects if name == "person"]
         if crops in ("both", "person"):
             for k, box in enumerate(persons):
-                records.append(Record(f"{image.stem}_person{k}", dict(paths), 1, [], split, None,
-                                      {"box": _square_box(box, width, height),
-                                       "object_box": box, "image_size": [width, height]}))
+                records.append(
+                    Record(
+                        f"{image.stem}_person{k}",
+                        dict(paths),
+                        1,
+                        [],
+                        split,
+                        None,
+                        {
+                            "box": _square_box(box, width, height),
+                            "object_box": box,
+                            "image_size": [width, height],
+                        },
+                    )
+                )
         if crops in ("both", "background"):
-            count = backgrounds_per_image if backgrounds_per_image is not None else max(
-                1, len(persons))
+            count = (
+                backgrounds_per_image if backgrounds_per_image is not None else max(1, len(persons))
+            )
             # Seeded by the image name: the same boxes whatever the order or subset read.
             rng = random.Random(int(seed) * 1_000_003 + zlib.crc32(image.stem.encode()))
             for k, box in enumerate(_background_boxes(persons, width, height, count, rng)):
-                records.append(Record(f"{image.stem}_bg{k}", dict(paths), 0, [], split, None,
-                                      {"box": box, "image_size": [width, height]}))
+                records.append(
+                    Record(
+                        f"{image.stem}_bg{k}",
+                        dict(paths),
+                        0,
+                        [],
+                        split,
+                        None,
+                        {"box": box, "image_size": [width, height]},
+                    )
+                )
     if no_annotation:
-        warnings.warn(f"llvip: {no_annotation} images without an annotation file were left out "
-                      f"of the crops", stacklevel=3)
+        warnings.warn(
+            f"llvip: {no_annotation} images without an annotation file were left out of the crops",
+            stacklevel=3,
+        )
     classnames = None if crops == "none" else ["background", "person"]
     return records, classnames, {"no_annotation": no_annotation, "dropped_missing": dropped}
 
@@ -598,14 +688,22 @@ class _LayoutDataset:
 
 
 LAYOUT_DATASETS = {
-    "audioset": _LayoutDataset("audio", "per_split", "balanced_train", "eval",
-                               {"require": ("audio", "vision")}, {"require": ("audio", "vision")}),
-    "vggsound": _LayoutDataset("audio", "filter", "train", "test",
-                               {"require": ("audio", "vision")}),
+    "audioset": _LayoutDataset(
+        "audio",
+        "per_split",
+        "balanced_train",
+        "eval",
+        {"require": ("audio", "vision")},
+        {"require": ("audio", "vision")},
+    ),
+    "vggsound": _LayoutDataset(
+        "audio", "filter", "train", "test", {"require": ("audio", "vision")}
+    ),
     "sunrgbd": _LayoutDataset("depth", "filter", "train", "test"),
     "nyud": _LayoutDataset("depth", "filter", "train", "test"),
-    "llvip": _LayoutDataset("thermal", "per_split", "train", "test", {"crops": "none"},
-                            {"crops": "both"}),
+    "llvip": _LayoutDataset(
+        "thermal", "per_split", "train", "test", {"crops": "none"}, {"crops": "both"}
+    ),
 }
 
 
@@ -626,18 +724,21 @@ def build_layout_dataset(name: str, cfg, anchor, spec):
     classnames = opts.get("classnames")
     extra = {"classnames": classnames} if classnames and name in ("sunrgbd", "nyud") else {}
     if setup.mode == "per_split":
-        train, names, i = read_layout_info(name, root, split=train_split,
-                                           **{**setup.train_options, **extra, **common})
+        train, names, i = read_layout_info(
+            name, root, split=train_split, **{**setup.train_options, **extra, **common}
+        )
         info["train_dropped_missing"] = i.get("dropped_missing", 0)
         evaluation, eval_names = [], None
         if eval_split and not opts.get("eval_layout"):
             evaluation, eval_names, i = read_layout_info(
-                name, root, split=eval_split, **{**setup.eval_options, **extra, **common})
+                name, root, split=eval_split, **{**setup.eval_options, **extra, **common}
+            )
             info["eval_dropped_missing"] = i.get("dropped_missing", 0)
         names = eval_names or names
     else:
-        everything, names, i = read_layout_info(name, root,
-                                                **{**setup.train_options, **extra, **common})
+        everything, names, i = read_layout_info(
+            name, root, **{**setup.train_options, **extra, **common}
+        )
         info.update({k: v for k, v in i.items() if v is not None})
         if any(r.split is not None for r in everything):
             train = [r for r in everything if r.split == train_split]
@@ -649,25 +750,38 @@ def build_layout_dataset(name: str, cfg, anchor, spec):
     eval_root = root
     if opts.get("eval_layout"):
         eval_root = Path(opts.get("eval_root") or root)
-        evaluation, names, _ = read_layout_info(opts["eval_layout"], eval_root,
-                                                **(opts.get("eval_layout_options") or {}))
+        evaluation, names, _ = read_layout_info(
+            opts["eval_layout"], eval_root, **(opts.get("eval_layout_options") or {})
+        )
         info.update(eval_layout=opts["eval_layout"], eval_root=str(eval_root))
     if classnames:
         names = list(classnames)
     if evaluation and any(isinstance(r.label, list) for r in evaluation):
         # Multi-label (AudioSet): top-1 accuracy is undefined; the loop falls back to retrieval.
         names = None
-    return build_from_records(cfg, anchor, spec, root, train, evaluation, names,
-                              opts.get("templates"), info, f"{name} at {root}",
-                              f"--layout {name}", eval_root=eval_root)
+    return build_from_records(
+        cfg,
+        anchor,
+        spec,
+        root,
+        train,
+        evaluation,
+        names,
+        opts.get("templates"),
+        info,
+        f"{name} at {root}",
+        f"--layout {name}",
+        eval_root=eval_root,
+    )
 
 
 def _register_layout_datasets() -> None:
     from .datasets import register_dataset
 
     for name in LAYOUT_DATASETS:
-        register_dataset(name)(lambda cfg, anchor, spec, _n=name: build_layout_dataset(
-            _n, cfg, anchor, spec))
+        register_dataset(name)(
+            lambda cfg, anchor, spec, _n=name: build_layout_dataset(_n, cfg, anchor, spec)
+        )
 
 
 _register_layout_datasets()

@@ -206,8 +206,11 @@ class BadInputDataset(EpochRandom, Dataset):
     def _log(self, err: BadSample) -> None:
         if self._logged < self.max_logs:
             self._logged += 1
-            suffix = " (further bad inputs are counted, not logged)" if (
-                self._logged == self.max_logs) else ""
+            suffix = (
+                " (further bad inputs are counted, not logged)"
+                if (self._logged == self.max_logs)
+                else ""
+            )
             log.warning("%s: skipping bad input [%s] %s%s", self.name, err.reason, err, suffix)
 
     def __getitem__(self, index: int) -> dict:

@@ -84,8 +84,9 @@ def decode_depth(raw: np.ndarray, layout: str = "sunrgbd") -> np.ndarray:
     return d.astype(np.float32) / 1000.0
 
 
-def read_depth(source: bi.Source, layout: str = "sunrgbd", max_depth: float = 8.0,
-               min_size: int = 8) -> torch.Tensor:
+def read_depth(
+    source: bi.Source, layout: str = "sunrgbd", max_depth: float = 8.0, min_size: int = 8
+) -> torch.Tensor:
     """A depth file -> [1, H, W] float32 metres, clamped to ``max_depth``; 0 where invalid."""
     name = bi.source_name(source)
     if name.lower().endswith(".npy"):
@@ -211,8 +212,10 @@ def depth_input(
             )
         fx = float(read_intrinsics(intrinsics)[0, 0])
     if not float(fx) > 0:
-        raise BadSample("unreadable", f"{bi.source_name(source)}: focal length fx={fx} is not "
-                                      f"a positive number of pixels")
+        raise BadSample(
+            "unreadable",
+            f"{bi.source_name(source)}: focal length fx={fx} is not a positive number of pixels",
+        )
     b = resolve_baseline(baseline, None if isinstance(source, bi.Blob) else source)
     return bi.check_finite(depth_to_disparity(depth, float(fx), b), bi.source_name(source)), valid
 

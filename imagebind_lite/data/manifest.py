@@ -103,13 +103,16 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
         # DictReader files cells beyond the header under the key None: drop them.
-        return [{k: v for k, v in row.items() if k is not None}
-                for row in csv.DictReader(handle, dialect=dialect)]
+        return [
+            {k: v for k, v in row.items() if k is not None}
+            for row in csv.DictReader(handle, dialect=dialect)
+        ]
 
 
 def read_classnames(path: str | Path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return [
+        line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def _blank(value) -> bool:
@@ -146,8 +149,9 @@ def _captions(row: dict) -> list[str]:
             out.extend(str(v) for v in value if not _blank(v))
         elif not _blank(value):
             out.append(str(value))
-    numbered = sorted((k for k in row if k.startswith("caption_") and k[8:].isdigit()),
-                      key=lambda k: int(k[8:]))
+    numbered = sorted(
+        (k for k in row if k.startswith("caption_") and k[8:].isdigit()), key=lambda k: int(k[8:])
+    )
     out.extend(str(row[k]) for k in numbered if not _blank(row[k]))
     return out
 
@@ -199,12 +203,15 @@ def rows_to_records(
                 continue  # -1: unlabelled, as in the training samples
             if i is None:
                 if str(value) not in index:
-                    raise ValueError(f"{where}: row {n} ({rid}): label {value!r} is not one of "
-                                     f"the {len(index)} class names")
+                    raise ValueError(
+                        f"{where}: row {n} ({rid}): label {value!r} is not one of "
+                        f"the {len(index)} class names"
+                    )
                 i = index[str(value)]
             elif classnames is not None and not 0 <= i < len(classnames):
-                raise ValueError(f"{where}: row {n} ({rid}): label {i} is outside the "
-                                 f"{len(classnames)} classes")
+                raise ValueError(
+                    f"{where}: row {n} ({rid}): label {i} is outside the {len(classnames)} classes"
+                )
             ints.append(i)
         multi = isinstance(row.get("label"), list) or ";" in str(row.get("label"))
         label = (ints if multi else ints[0]) if ints else None
@@ -224,7 +231,9 @@ def rows_to_records(
 
 
 def read_manifest(
-    path: str | Path, root: str | Path | None = None, classnames: list[str] | None = None,
+    path: str | Path,
+    root: str | Path | None = None,
+    classnames: list[str] | None = None,
     modalities: Sequence[str] | None = None,
 ) -> tuple[list[Record], list[str] | None]:
     """A manifest file -> (records, class names). ``root`` defaults to the manifest's folder;
@@ -232,8 +241,13 @@ def read_manifest(
     path = Path(path)
     if classnames is None and (path.parent / CLASSES_FILE).is_file():
         classnames = read_classnames(path.parent / CLASSES_FILE)
-    return rows_to_records(read_rows(path), root if root is not None else path.parent,
-                           classnames, modalities, where=str(path))
+    return rows_to_records(
+        read_rows(path),
+        root if root is not None else path.parent,
+        classnames,
+        modalities,
+        where=str(path),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,18 +297,26 @@ def sensor_values(modality: str, sources: dict, meta: dict, options: dict):
     """Depth/thermal raw values [1,H,W] and validity mask (or None) of one record, with the
     record's own ``fx``, ``baseline`` and depth ``layout`` overriding the options."""
     if modality == "depth":
-        options = {**options, **{k: meta[k] for k in ("fx", "baseline", "layout")
-                                 if meta.get(k) is not None}}
-        return depth_data.depth_input(sources["depth"], intrinsics=sources.get("intrinsics"),
-                                      **options)
+        options = {
+            **options,
+            **{k: meta[k] for k in ("fx", "baseline", "layout") if meta.get(k) is not None},
+        }
+        return depth_data.depth_input(
+            sources["depth"], intrinsics=sources.get("intrinsics"), **options
+        )
     if modality == "thermal":
         return thermal_data.thermal_input(sources["thermal"], **options)
     raise ValueError(f"{modality!r} is not a sensor image modality ({', '.join(SENSORS)})")
 
 
-def compute_sensor_stats(modality: str, records: Sequence[Record], root: str | Path,
-                         options: dict | None = None, max_files: int | None = None,
-                         seed: int = 0) -> dict:
+def compute_sensor_stats(
+    modality: str,
+    records: Sequence[Record],
+    root: str | Path,
+    options: dict | None = None,
+    max_files: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Mean/std of the raw depth/thermal values of ``records`` (valid pixels only), for
     ``stats.json``. Bad files are left out and counted; ``max_files`` takes a seeded subset."""
     from .transforms import RunningStats
@@ -311,8 +333,11 @@ def compute_sensor_stats(modality: str, records: Sequence[Record], root: str | P
     stats, skipped, files = RunningStats(), {}, 0
     for record in chosen:
         try:
-            sources = {k: bi.resolve_inside(root, p) for k, p in record.paths.items()
-                       if k in (modality, *EXTRA_PATHS)}
+            sources = {
+                k: bi.resolve_inside(root, p)
+                for k, p in record.paths.items()
+                if k in (modality, *EXTRA_PATHS)
+            }
             values, valid = sensor_values(modality, sources, record.meta, options)
         except BadSample as err:
             skipped[err.reason] = skipped.get(err.reason, 0) + 1
@@ -322,9 +347,16 @@ def compute_sensor_stats(modality: str, records: Sequence[Record], root: str | P
     if files == 0:
         raise ValueError(f"none of the {len(chosen)} {modality} files could be read: {skipped}")
     result = stats.result()
-    return {"mean": result["mean"], "std": result["std"], "min": result["min"],
-            "max": result["max"], "pixels": result["count"], "files": files,
-            "skipped": skipped, "options": module.conversion_options(options)}
+    return {
+        "mean": result["mean"],
+        "std": result["std"],
+        "min": result["min"],
+        "max": result["max"],
+        "pixels": result["count"],
+        "files": files,
+        "skipped": skipped,
+        "options": module.conversion_options(options),
+    }
 
 
 class PairSampler:
@@ -345,7 +377,8 @@ class PairSampler:
             self.normalise = sensor_normaliser(self.modality, self.preprocess)
             size = int(self.preprocess.get("image_size", 224))
             self.paired = PairedTransform(
-                self.rgb_size, (size, size),
+                self.rgb_size,
+                (size, size),
                 crop_scale=tuple(self.preprocess.get("crop_scale", (0.08, 1.0))),
                 crop_ratio=tuple(self.preprocess.get("crop_ratio", (3 / 4, 4 / 3))),
                 flip_p=float(self.preprocess.get("flip_p", 0.5)),
@@ -401,14 +434,22 @@ class PairSampler:
         except BadSample:
             raise
         except Exception as err:  # noqa: BLE001 - a user reader failing on one file = bad input
-            raise BadSample("unreadable", f"{bi.source_name(source)}: {self.modality} reader "
-                                          f"failed ({type(err).__name__}: {err})") from None
+            raise BadSample(
+                "unreadable",
+                f"{bi.source_name(source)}: {self.modality} reader "
+                f"failed ({type(err).__name__}: {err})",
+            ) from None
         finally:
             if tmp is not None:
                 os.unlink(tmp)
 
-    def __call__(self, sources: dict[str, bi.Source], meta: dict, train: bool,
-                 generator: torch.Generator | None) -> dict:
+    def __call__(
+        self,
+        sources: dict[str, bi.Source],
+        meta: dict,
+        train: bool,
+        generator: torch.Generator | None,
+    ) -> dict:
         """Tensors of one pair; ``vision`` only when ``sources`` has it (evaluation may not)."""
         if train and "vision" not in sources:
             raise ValueError("training samples need a vision file")
@@ -439,8 +480,15 @@ class RecordDataset(EpochRandom, Dataset):
     """Records -> samples. ``train`` switches augmentation on (drawn from the EpochRandom
     generator of the index). Bad files raise ``BadSample``; wrap in ``BadInputDataset``."""
 
-    def __init__(self, records: list[Record], root: str | Path, sampler: PairSampler,
-                 train: bool, seed: int = 0, vision: bool = True):
+    def __init__(
+        self,
+        records: list[Record],
+        root: str | Path,
+        sampler: PairSampler,
+        train: bool,
+        seed: int = 0,
+        vision: bool = True,
+    ):
         self.records = records
         self.root = Path(root).resolve()
         self.sampler = sampler
@@ -487,8 +535,9 @@ def resolve_sensor_stats(cfg, spec, root: Path, source: str = "--manifest MANIFE
     path = Path(given) if given else Path(root) / STATS_FILE
     if given and not path.is_absolute() and not path.exists():
         path = Path(root) / given
-    entry = read_stats(path, spec.name, module.conversion_options(pre),
-                       stats_command(spec.name, root, source))
+    entry = read_stats(
+        path, spec.name, module.conversion_options(pre), stats_command(spec.name, root, source)
+    )
     # Stored in the config's preprocess so that model/config.json (and evaluation) carries them.
     cfg.data.preprocess = {**cfg.data.preprocess, "mean": entry["mean"], "std": entry["std"]}
     return {"mean": entry["mean"], "std": entry["std"], "source": str(path)}
@@ -502,10 +551,18 @@ def check_records(records: list[Record], keys: Sequence[str], where: str) -> Non
 
 
 def build_from_records(
-    cfg, anchor, spec, root: str | Path, train_records: list[Record],
-    eval_records: list[Record] | None, classnames: list[str] | None,
-    templates: list[str] | None = None, info: dict | None = None, where: str = "manifest",
-    stats_hint: str = "--manifest MANIFEST", eval_root: str | Path | None = None,
+    cfg,
+    anchor,
+    spec,
+    root: str | Path,
+    train_records: list[Record],
+    eval_records: list[Record] | None,
+    classnames: list[str] | None,
+    templates: list[str] | None = None,
+    info: dict | None = None,
+    where: str = "manifest",
+    stats_hint: str = "--manifest MANIFEST",
+    eval_root: str | Path | None = None,
 ) -> DatasetBundle:
     """The common builder of record-based datasets (manifests and layout adapters). Every file
     must resolve inside ``root`` (``eval_root`` for the evaluation records, default ``root``)."""
@@ -522,11 +579,17 @@ def build_from_records(
     opts = cfg.data.options
 
     def wrap(records, train, name, vision=True):
-        dataset = RecordDataset(records, root if train else Path(eval_root or root), sampler,
-                                train, cfg.seed, vision)
-        return bi.BadInputDataset(dataset, cfg.data.bad_input, cfg.seed,
-                               int(opts.get("max_consecutive_bad", 50)),
-                               int(opts.get("max_logged_bad", 20)), name)
+        dataset = RecordDataset(
+            records, root if train else Path(eval_root or root), sampler, train, cfg.seed, vision
+        )
+        return bi.BadInputDataset(
+            dataset,
+            cfg.data.bad_input,
+            cfg.seed,
+            int(opts.get("max_consecutive_bad", 50)),
+            int(opts.get("max_logged_bad", 20)),
+            name,
+        )
 
     train = wrap(train_records, True, "train")
     evaluation = None
@@ -535,8 +598,10 @@ def build_from_records(
         # Classification needs only the modality; retrieval also needs every record's image.
         vision = all("vision" in r.paths for r in eval_records)
         if classnames is None and not vision:
-            raise ValueError(f"{where}: evaluation without class names is retrieval against "
-                             f"the images, but some evaluation records have no vision file")
+            raise ValueError(
+                f"{where}: evaluation without class names is retrieval against "
+                f"the images, but some evaluation records have no vision file"
+            )
         evaluation = wrap(eval_records, False, "eval", vision)
         # Filled while evaluating (main process), before metrics.json is written.
         info["eval_skipped"] = evaluation.counts
@@ -564,13 +629,18 @@ def split_records(records: list[Record], opts: dict) -> tuple[list[Record], list
     """Train/eval by ``eval_fold`` or by the rows' ``split`` (``train_split``/``eval_split``)."""
     if opts.get("eval_fold") is not None:
         fold = int(opts["eval_fold"])
-        return ([r for r in records if r.fold != fold], [r for r in records if r.fold == fold],
-                {"eval_fold": fold})
+        return (
+            [r for r in records if r.fold != fold],
+            [r for r in records if r.fold == fold],
+            {"eval_fold": fold},
+        )
     if any(r.split is not None for r in records):
         train_split, eval_split = opts.get("train_split", "train"), opts.get("eval_split", "test")
-        return ([r for r in records if r.split == train_split],
-                [r for r in records if r.split == eval_split] if eval_split else [],
-                {"train_split": train_split, "eval_split": eval_split})
+        return (
+            [r for r in records if r.split == train_split],
+            [r for r in records if r.split == eval_split] if eval_split else [],
+            {"train_split": train_split, "eval_split": eval_split},
+        )
     return list(records), [], {}
 
 
@@ -591,19 +661,36 @@ def build_manifest(cfg, anchor, spec) -> DatasetBundle:
         train_records = records
         eval_records, eval_names = read_manifest(eval_path, root, classnames)
         if classnames is None and eval_names:
-            raise ValueError(f"{eval_path}: labels are class names but the training manifest "
-                             f"has none; give data.options.classnames")
+            raise ValueError(
+                f"{eval_path}: labels are class names but the training manifest "
+                f"has none; give data.options.classnames"
+            )
         info["eval_manifest"] = str(eval_path)
     else:
         train_records, eval_records, rule = split_records(records, opts)
         info.update(rule)
-    return build_from_records(cfg, anchor, spec, root, train_records, eval_records, classnames,
-                              opts.get("templates"), info, str(manifest), f"--manifest {manifest}")
+    return build_from_records(
+        cfg,
+        anchor,
+        spec,
+        root,
+        train_records,
+        eval_records,
+        classnames,
+        opts.get("templates"),
+        info,
+        str(manifest),
+        f"--manifest {manifest}",
+    )
 
 
-def load_records(root: str | Path, manifest: str | Path | None = None, layout: str | None = None,
-                 split: str | None = None, layout_options: dict | None = None,
-                 ) -> tuple[list[Record], list[str] | None, str]:
+def load_records(
+    root: str | Path,
+    manifest: str | Path | None = None,
+    layout: str | None = None,
+    split: str | None = None,
+    layout_options: dict | None = None,
+) -> tuple[list[Record], list[str] | None, str]:
     """Records of a manifest or a layout for the data scripts -> (records, class names, the
     source as a command-line fragment). ``split`` keeps rows of that split when rows carry
     one (for a layout it is passed to ``read_layout``)."""

@@ -104,8 +104,14 @@ def write_shards(
             except BadSample as err:
                 skipped[err.reason] += 1
                 continue
-            meta = {"id": record.id, "label": record.label, "captions": record.captions,
-                    "split": record.split, "fold": record.fold, "meta": record.meta}
+            meta = {
+                "id": record.id,
+                "label": record.label,
+                "captions": record.captions,
+                "split": record.split,
+                "fold": record.fold,
+                "meta": record.meta,
+            }
             sample[META_KEY] = json.dumps(meta, default=str).encode()
             writer.write(sample)
             stored_keys.update(k.split(".", 1)[0] for k in sample if k not in ("__key__", META_KEY))
@@ -139,8 +145,10 @@ def read_index(directory: str | Path) -> dict:
     index = json.loads(path.read_text())
     missing = [s for s in index["shards"] if not (Path(directory) / s).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory}: {len(missing)} shards listed in {INDEX_FILE} are "
-                                f"missing, e.g. {missing[0]}")
+        raise FileNotFoundError(
+            f"{directory}: {len(missing)} shards listed in {INDEX_FILE} are "
+            f"missing, e.g. {missing[0]}"
+        )
     return index
 
 
@@ -178,13 +186,21 @@ def fields_to_sample(fields: dict[str, bytes], where: str):
             continue
         key = field.split(".", 1)[0]
         blobs[key] = bi.Blob(f"{where}.{field}", bytes(data))
-    record = Record(str(meta["id"]), {}, meta.get("label"), meta.get("captions") or [],
-                    meta.get("split"), meta.get("fold"), meta.get("meta") or {})
+    record = Record(
+        str(meta["id"]),
+        {},
+        meta.get("label"),
+        meta.get("captions") or [],
+        meta.get("split"),
+        meta.get("fold"),
+        meta.get("meta") or {},
+    )
     return record, blobs
 
 
-def _decode(sampler, record: Record, blobs: dict, train: bool, generator,
-            vision: bool = True) -> dict:
+def _decode(
+    sampler, record: Record, blobs: dict, train: bool, generator, vision: bool = True
+) -> dict:
     sources = {}
     for key in sampler.needs(vision or train):
         if key not in blobs:
@@ -227,8 +243,10 @@ class ShardDataset(EpochRandom, Dataset):
         if shard not in members:
             members[shard] = scan_tar(self.directory / name)
             if len(members[shard]) != self.index["counts"][shard]:
-                raise RuntimeError(f"{name}: {len(members[shard])} samples, but {INDEX_FILE} "
-                                   f"says {self.index['counts'][shard]}; rewrite the shards")
+                raise RuntimeError(
+                    f"{name}: {len(members[shard])} samples, but {INDEX_FILE} "
+                    f"says {self.index['counts'][shard]}; rewrite the shards"
+                )
         if shard not in files:
             if len(files) >= 16:
                 files.pop(next(iter(files))).close()
@@ -256,8 +274,15 @@ class ShardStream(EpochRandom, Dataset):
     needs (``len`` and indices): ``__getitem__`` returns the next streamed sample, using the
     index only for its augmentation generator."""
 
-    def __init__(self, directory: str | Path, sampler, train: bool, seed: int = 0,
-                 epoch_size: int | None = None, shuffle_buffer: int = 1000):
+    def __init__(
+        self,
+        directory: str | Path,
+        sampler,
+        train: bool,
+        seed: int = 0,
+        epoch_size: int | None = None,
+        shuffle_buffer: int = 1000,
+    ):
         self.directory = Path(directory)
         self.shuffle_buffer = int(shuffle_buffer)
         self.index = read_index(self.directory)
@@ -271,8 +296,10 @@ class ShardStream(EpochRandom, Dataset):
         """webdataset's handler for unreadable tar data: warn and go on, but not forever."""
         self._failures += 1
         if self._failures > MAX_TAR_ERRORS:
-            raise RuntimeError(f"{self.directory}: {MAX_TAR_ERRORS} tar read errors in a row "
-                               f"(last: {exn}); the shards look broken") from exn
+            raise RuntimeError(
+                f"{self.directory}: {MAX_TAR_ERRORS} tar read errors in a row "
+                f"(last: {exn}); the shards look broken"
+            ) from exn
         warnings.warn(f"{self.directory}: skipping unreadable tar data ({exn})", stacklevel=2)
         return True
 
@@ -286,13 +313,20 @@ class ShardStream(EpochRandom, Dataset):
             # deterministic=True: the shard draws depend only on (rank, worker) through
             # webdataset's worker seed, and on the seed given here (run seed and epoch).
             seed = self.seed * 1_000_003 + self.epoch
-            stages = [wds.ResampledShards(self.urls, seed=seed, deterministic=True),
-                      wds.tarfile_to_samples(handler=self._tar_error)]
+            stages = [
+                wds.ResampledShards(self.urls, seed=seed, deterministic=True),
+                wds.tarfile_to_samples(handler=self._tar_error),
+            ]
             if self.shuffle_buffer > 1:
                 # Shards hold consecutive records: mix samples of several shards in a buffer.
                 worker = wds.utils.pytorch_worker_seed()
-                stages.append(wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
-                                          seed=seed * 10_007 + worker))
+                stages.append(
+                    wds.shuffle(
+                        self.shuffle_buffer,
+                        min(100, self.shuffle_buffer),
+                        seed=seed * 10_007 + worker,
+                    )
+                )
             pipeline = wds.DataPipeline(*stages)
             self._iterator, self._stream_key = iter(pipeline), key
         return self._iterator
@@ -302,7 +336,8 @@ class ShardStream(EpochRandom, Dataset):
         self._failures = 0
         where = f"{os.path.basename(fields.get('__url__', 'shard'))}#{fields.get('__key__')}"
         record, blobs = fields_to_sample(
-            {k: v for k, v in fields.items() if not k.startswith("__")}, where)
+            {k: v for k, v in fields.items() if not k.startswith("__")}, where
+        )
         generator = self.generator(index) if self.train else None
         return _decode(self.sampler, record, blobs, self.train, generator)
 
@@ -312,8 +347,10 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
     opts = cfg.data.options
     directory = Path(opts.get("shards") or cfg.data.root or "")
     if not str(directory) or not (directory / INDEX_FILE).is_file():
-        raise ValueError(f"dataset shards: no {INDEX_FILE} in {directory or '(unset)'}; set "
-                         f"data.root or data.options.shards to a folder from write_shards.py")
+        raise ValueError(
+            f"dataset shards: no {INDEX_FILE} in {directory or '(unset)'}; set "
+            f"data.root or data.options.shards to a folder from write_shards.py"
+        )
     index = read_index(directory)
     for key in ("vision", spec.name):
         if key not in index["keys"]:
@@ -322,8 +359,9 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
     if access not in ("random", "stream"):
         raise ValueError(f"data.options.access: expected random or stream, got {access!r}")
     info = {"shards": str(directory), "num_shards": len(index["shards"]), "access": access}
-    normalisation = mf.resolve_sensor_stats(cfg, spec, directory,
-                                            index.get("source") or "--manifest MANIFEST")
+    normalisation = mf.resolve_sensor_stats(
+        cfg, spec, directory, index.get("source") or "--manifest MANIFEST"
+    )
     if normalisation:
         info["normalisation"] = normalisation
     sampler = mf.PairSampler(spec, {**spec.preprocess, **cfg.data.preprocess}, anchor)
@@ -331,14 +369,25 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
     templates = opts.get("templates") or index.get("templates")
 
     def wrap(dataset, name, remember_bad=True):
-        return bi.BadInputDataset(dataset, cfg.data.bad_input, cfg.seed,
-                                  int(opts.get("max_consecutive_bad", 50)),
-                                  int(opts.get("max_logged_bad", 20)), name,
-                                  remember_bad=remember_bad)
+        return bi.BadInputDataset(
+            dataset,
+            cfg.data.bad_input,
+            cfg.seed,
+            int(opts.get("max_consecutive_bad", 50)),
+            int(opts.get("max_logged_bad", 20)),
+            name,
+            remember_bad=remember_bad,
+        )
 
     if access == "stream":
-        stream = ShardStream(directory, sampler, True, cfg.seed, opts.get("epoch_size"),
-                             int(opts.get("shuffle_buffer", 1000)))
+        stream = ShardStream(
+            directory,
+            sampler,
+            True,
+            cfg.seed,
+            opts.get("epoch_size"),
+            int(opts.get("shuffle_buffer", 1000)),
+        )
         train = wrap(stream, "train", remember_bad=False)
     else:
         train = wrap(ShardDataset(directory, sampler, True, cfg.seed), "train")
@@ -351,8 +400,9 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
         records, names = mf.read_manifest(path, eval_root, classnames)
         classnames = classnames or names
         vision = all("vision" in r.paths for r in records)
-        evaluation = wrap(mf.RecordDataset(records, eval_root, sampler, False, cfg.seed, vision),
-                          "eval")
+        evaluation = wrap(
+            mf.RecordDataset(records, eval_root, sampler, False, cfg.seed, vision), "eval"
+        )
     if evaluation is not None:
         info["eval_skipped"] = evaluation.counts
         info["eval_samples"] = len(evaluation)
@@ -364,4 +414,3 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
         templates=list(templates or mf.DEFAULT_TEMPLATES) if classnames else templates,
         info=info,
     )
-

@@ -59,8 +59,9 @@ def _to_one_channel(rgb: np.ndarray, name: str, rgb_policy: str) -> np.ndarray:
     )
 
 
-def read_thermal(source: bi.Source, scaling: str = "fixed", rgb_policy: str = "gray_only",
-                 min_size: int = 8) -> torch.Tensor:
+def read_thermal(
+    source: bi.Source, scaling: str = "fixed", rgb_policy: str = "gray_only", min_size: int = 8
+) -> torch.Tensor:
     """A thermal image -> [1, H, W] float32 (see the module docstring for the scaling)."""
     if scaling not in SCALINGS:
         raise ValueError(f"thermal scaling must be one of {SCALINGS}, got {scaling!r}")
@@ -94,8 +95,7 @@ def read_thermal(source: bi.Source, scaling: str = "fixed", rgb_policy: str = "g
     if hi <= lo:
         raise BadSample("empty", f"{name}: constant image ({lo:g} everywhere): no thermal signal")
     if scaling == "per_image":
-        q = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)],
-                           torch.tensor([0.01, 0.99]))
+        q = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)], torch.tensor([0.01, 0.99]))
         low, high = float(q[0]), float(q[1])
         if high <= low:
             low, high = lo, hi
@@ -103,8 +103,9 @@ def read_thermal(source: bi.Source, scaling: str = "fixed", rgb_policy: str = "g
     return x
 
 
-def thermal_input(source: bi.Source, scaling: str = "fixed", rgb_policy: str = "gray_only",
-                  min_size: int = 8, **_) -> tuple[torch.Tensor, None]:
+def thermal_input(
+    source: bi.Source, scaling: str = "fixed", rgb_policy: str = "gray_only", min_size: int = 8, **_
+) -> tuple[torch.Tensor, None]:
     """(raw values [1,H,W], no validity mask): every thermal pixel is a measurement."""
     return read_thermal(source, scaling, rgb_policy, int(min_size)), None
 

@@ -161,6 +161,7 @@ def random_erase(
         return x
     H, W = x.shape[-2:]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+
     def uniform(lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=generator))
 
@@ -189,16 +190,22 @@ class PairedTransform:
     flip_p: float = 0.5
     erase_p: float = 0.25
 
-    def boxes(self, rgb_hw: tuple[int, int], train: bool, generator: torch.Generator | None,
-              region: Box = FULL_BOX) -> tuple[Box, bool]:
+    def boxes(
+        self,
+        rgb_hw: tuple[int, int],
+        train: bool,
+        generator: torch.Generator | None,
+        region: Box = FULL_BOX,
+    ) -> tuple[Box, bool]:
         """(box relative to the whole image, flip). ``region`` restricts the crop (LLVIP boxes)."""
         h = max(1, round(region[2] * rgb_hw[0]))
         w = max(1, round(region[3] * rgb_hw[1]))
         if train:
             if generator is None:
                 raise ValueError("training transforms need a torch.Generator")
-            inner = random_resized_box(h, w, generator, tuple(self.crop_scale),
-                                       tuple(self.crop_ratio))
+            inner = random_resized_box(
+                h, w, generator, tuple(self.crop_scale), tuple(self.crop_ratio)
+            )
             flip = float(torch.rand((), generator=generator)) < self.flip_p
         else:
             inner = center_box(h, w, self.sensor_size[1] / self.sensor_size[0])
@@ -229,13 +236,20 @@ class PairedTransform:
         return rgb_out, sensor_out
 
 
-def augment_sensor(x: torch.Tensor, generator: torch.Generator, size=None,
-                   crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
-                   erase_p: float = 0.25) -> torch.Tensor:
+def augment_sensor(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    size=None,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    erase_p: float = 0.25,
+) -> torch.Tensor:
     """The training augmentation on a sensor tensor alone (no RGB partner to align with)."""
     size = _pair(size or tuple(x.shape[-2:]))
-    box = random_resized_box(x.shape[-2], x.shape[-1], generator, tuple(crop_scale),
-                             tuple(crop_ratio))
+    box = random_resized_box(
+        x.shape[-2], x.shape[-1], generator, tuple(crop_scale), tuple(crop_ratio)
+    )
     flip = float(torch.rand((), generator=generator)) < flip_p
     return random_erase(resized_crop(x, box, size, flip), generator, erase_p)
 
@@ -273,8 +287,13 @@ class RunningStats:
             raise ValueError("no values to compute statistics from")
         mean = self.total / self.count
         var = self.total_sq / self.count - (mean - self.shift) ** 2
-        return {"mean": mean, "std": math.sqrt(max(var, 0.0)), "count": self.count,
-                "min": self.minimum, "max": self.maximum}
+        return {
+            "mean": mean,
+            "std": math.sqrt(max(var, 0.0)),
+            "count": self.count,
+            "min": self.minimum,
+            "max": self.maximum,
+        }
 
 
 def stats_command(modality: str, root, source: str = "--manifest MANIFEST") -> str:
@@ -286,8 +305,10 @@ def write_stats(path, modality: str, entry: dict) -> Path:
     """Merge ``entry`` into ``path`` under ``modality`` (other modalities' entries are kept)."""
     path = Path(path)
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data[modality] = {**entry, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds")}
+    data[modality] = {
+        **entry,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -347,14 +368,21 @@ def sensor_eval_input(values: torch.Tensor, size, normalise, valid: torch.Tensor
     return normalise(resized_crop(values, box, size, valid=valid))
 
 
-def sensor_augment(x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
-                   **options) -> torch.Tensor:
+def sensor_augment(
+    x: torch.Tensor, train: bool, generator: torch.Generator | None = None, **options
+) -> torch.Tensor:
     """``ModalitySpec.augment`` of depth/thermal: the training augmentation of a finished
     [1,S,S] input with no RGB partner (random resized crop, flip, erase); identity in eval."""
     if not train:
         return x
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))
-    return augment_sensor(x, generator, None, options.get("crop_scale", (0.08, 1.0)),
-                          options.get("crop_ratio", (3 / 4, 4 / 3)), options.get("flip_p", 0.5),
-                          options.get("erase_p", 0.25))
+    return augment_sensor(
+        x,
+        generator,
+        None,
+        options.get("crop_scale", (0.08, 1.0)),
+        options.get("crop_ratio", (3 / 4, 4 / 3)),
+        options.get("flip_p", 0.5),
+        options.get("erase_p", 0.25),
+    )

@@ -32,8 +32,13 @@ def _threads_for(work: int):
         torch.set_num_threads(before)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 weight_decay: float | Sequence[float], max_iter: int = 100):
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    weight_decay: float | Sequence[float],
+    max_iter: int = 100,
+):
     """Cross-entropy + ``weight_decay * ||W||^2`` (bias not decayed) -> (W [C, D], b [C]).
 
     Given several decays, fits one model per decay in a single L-BFGS run and returns
@@ -47,9 +52,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int,
     g = len(decays)
     weight = torch.zeros(g, num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(g, num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-6, tolerance_change=1e-8,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-8,
+        line_search_fn="strong_wolfe",
+    )
     targets = y.repeat(g)
 
     def closure():
@@ -100,8 +111,15 @@ def sample_shots(labels: torch.Tensor, k: int | None, generator: torch.Generator
     return torch.cat(picks)
 
 
-def select_weight_decay(x_train, y_train, x_val, y_val, num_classes: int,
-                        grid: Sequence[float] = DEFAULT_GRID, max_iter: int = 100):
+def select_weight_decay(
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    num_classes: int,
+    grid: Sequence[float] = DEFAULT_GRID,
+    max_iter: int = 100,
+):
     """Fit every decay of ``grid`` -> (best decay, its model, {decay: validation accuracy}).
     Ties go to the stronger decay (the simpler model)."""
     grid = sorted(grid, reverse=True)
@@ -135,12 +153,24 @@ def linear_probe(
     train_y, test_y = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     with _threads_for(train_x.numel() * num_classes * len(grid)):
-        return _linear_probe(train_x, train_y, test_x, test_y, num_classes, shots, seeds, grid,
-                             val_fraction, seed, max_iter)
+        return _linear_probe(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            num_classes,
+            shots,
+            seeds,
+            grid,
+            val_fraction,
+            seed,
+            max_iter,
+        )
 
 
-def _linear_probe(train_x, train_y, test_x, test_y, num_classes, shots, seeds, grid,
-                  val_fraction, seed, max_iter) -> dict:
+def _linear_probe(
+    train_x, train_y, test_x, test_y, num_classes, shots, seeds, grid, val_fraction, seed, max_iter
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     pool, val = stratified_split(train_y, val_fraction, g)
     if len(val) == 0:
@@ -151,8 +181,15 @@ def _linear_probe(train_x, train_y, test_x, test_y, num_classes, shots, seeds, g
         for s in range(1 if k is None else seeds):
             draw = torch.Generator().manual_seed(seed * 1000 + s)
             chosen = pool[sample_shots(train_y[pool], k, draw)]
-            wd, model, _ = select_weight_decay(train_x[chosen], train_y[chosen], train_x[val],
-                                               train_y[val], num_classes, grid, max_iter)
+            wd, model, _ = select_weight_decay(
+                train_x[chosen],
+                train_y[chosen],
+                train_x[val],
+                train_y[val],
+                num_classes,
+                grid,
+                max_iter,
+            )
             runs.append(accuracy(model, test_x, test_y))
             decays.append(wd)
             sizes.append(len(chosen))
@@ -176,8 +213,9 @@ def folded_linear_probe(x: torch.Tensor, y: torch.Tensor, folds: Sequence[int], 
         test = folds_t == fold
         per_fold[str(fold)] = linear_probe(x[~test], y[~test], x[test], y[test], **kwargs)
     shots = next(iter(per_fold.values())).keys()
-    mean = {k: {"top1": sum(f[k]["top1"] for f in per_fold.values()) / len(per_fold)}
-            for k in shots}
+    mean = {
+        k: {"top1": sum(f[k]["top1"] for f in per_fold.values()) / len(per_fold)} for k in shots
+    }
     return {"mean": mean, "per_fold": per_fold}
 
 

@@ -85,8 +85,9 @@ def _best_positive_sparse(queries, gallery, qg, gg, max_pairs: int, chunk: int =
     order = torch.argsort(gg, stable=True)
     group_start = torch.cumsum(counts, 0) - counts
     q_idx = torch.arange(len(qg)).repeat_interleave(per_query)
-    within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(per_query, 0) - per_query,
-                                                           per_query)
+    within = torch.arange(total) - torch.repeat_interleave(
+        torch.cumsum(per_query, 0) - per_query, per_query
+    )
     g_idx = order[group_start[slot].repeat_interleave(per_query) + within]
     best = torch.full((len(qg),), float("-inf"), dtype=queries.dtype)
     for s in range(0, total, chunk):

@@ -32,15 +32,28 @@ OBJECTS = ["dog", "cat", "car", "bird", "chair", "apple", "tree", "house", "boat
 PLURALS = {"cross": "crosses", "box": "boxes", "bus": "buses"}
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
 ABSTRACT_PAIRS = [
-    ("freedom", "oppression"), ("justice", "injustice"), ("hope", "despair"),
-    ("love", "hatred"), ("peace", "war"), ("truth", "deception"), ("joy", "grief"),
-    ("wealth", "poverty"), ("courage", "fear"), ("order", "chaos"),
+    ("freedom", "oppression"),
+    ("justice", "injustice"),
+    ("hope", "despair"),
+    ("love", "hatred"),
+    ("peace", "war"),
+    ("truth", "deception"),
+    ("joy", "grief"),
+    ("wealth", "poverty"),
+    ("courage", "fear"),
+    ("order", "chaos"),
 ]
 # A rare concept against the common one it is easily taken for.
 RARE_PAIRS = [
-    ("an okapi", "a zebra"), ("a pangolin", "an armadillo"), ("a quokka", "a wallaby"),
-    ("an axolotl", "a salamander"), ("a theremin", "a violin"), ("a sousaphone", "a tuba"),
-    ("a dugong", "a manatee"), ("a narwhal", "a whale"), ("a shoebill", "a stork"),
+    ("an okapi", "a zebra"),
+    ("a pangolin", "an armadillo"),
+    ("a quokka", "a wallaby"),
+    ("an axolotl", "a salamander"),
+    ("a theremin", "a violin"),
+    ("a sousaphone", "a tuba"),
+    ("a dugong", "a manatee"),
+    ("a narwhal", "a whale"),
+    ("a shoebill", "a stork"),
     ("a kinkajou", "a monkey"),
 ]
 
@@ -69,9 +82,12 @@ def text_probe_pairs() -> dict[str, list[tuple[str, str]]]:
     pairs: dict[str, list[tuple[str, str]]] = {
         "negation": [(f"a photo of a {o}.", f"a photo with no {o}.") for o in OBJECTS],
         "counting": [
-            (f"a photo of {NUMBER_WORDS[n]} {plural(o)}.",
-             f"a photo of {NUMBER_WORDS[n + 1]} {plural(o)}.")
-            for o in OBJECTS for n in (2, 3)
+            (
+                f"a photo of {NUMBER_WORDS[n]} {plural(o)}.",
+                f"a photo of {NUMBER_WORDS[n + 1]} {plural(o)}.",
+            )
+            for o in OBJECTS
+            for n in (2, 3)
         ],
         "spatial": [
             (f"a photo of a {a} to the left of a {b}.", f"a photo of a {b} to the left of a {a}.")
@@ -84,8 +100,9 @@ def text_probe_pairs() -> dict[str, list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def text_probes(encode_text, threshold: float = 0.9,
-                families: Sequence[str] | None = None) -> list[ProbeResult]:
+def text_probes(
+    encode_text, threshold: float = 0.9, families: Sequence[str] | None = None
+) -> list[ProbeResult]:
     """Text-only probes: how often the two texts of a pair are further apart than
     ``threshold`` in cosine."""
     out = []
@@ -96,12 +113,22 @@ def text_probes(encode_text, threshold: float = 0.9,
         b = F.normalize(encode_text([p[1] for p in pairs]).float(), dim=-1)
         cos = (a * b).sum(-1).cpu()
         worst = int(cos.argmax())
-        out.append(ProbeResult(
-            f"text {family}", family, "text", len(pairs), float((cos < threshold).float().mean()),
-            None, float(cos.mean()),
-            {"threshold": threshold, "closest_pair": list(pairs[worst]),
-             "closest_cosine": float(cos[worst])},
-        ))
+        out.append(
+            ProbeResult(
+                f"text {family}",
+                family,
+                "text",
+                len(pairs),
+                float((cos < threshold).float().mean()),
+                None,
+                float(cos.mean()),
+                {
+                    "threshold": threshold,
+                    "closest_pair": list(pairs[worst]),
+                    "closest_cosine": float(cos[worst]),
+                },
+            )
+        )
     return out
 
 
@@ -109,8 +136,15 @@ def text_probes(encode_text, threshold: float = 0.9,
 
 
 @torch.no_grad()
-def item_probe(name: str, family: str, modality: str, items: torch.Tensor,
-               true_texts: Sequence[str], false_texts: Sequence[str], encode_text) -> ProbeResult:
+def item_probe(
+    name: str,
+    family: str,
+    modality: str,
+    items: torch.Tensor,
+    true_texts: Sequence[str],
+    false_texts: Sequence[str],
+    encode_text,
+) -> ProbeResult:
     """Items [N, D] each with its true and false text -> share where the true one wins."""
     if not (len(items) == len(true_texts) == len(false_texts)):
         raise ValueError("one true and one false text per item")
@@ -120,12 +154,20 @@ def item_probe(name: str, family: str, modality: str, items: torch.Tensor,
     pos = emb[[index[t] for t in true_texts]]
     neg = emb[[index[t] for t in false_texts]].unsqueeze(1)
     acc = alignment_accuracy(items.cpu(), pos, neg)
-    return ProbeResult(name, family, modality, len(items), acc, 0.5,
-                       detail={"example": [true_texts[0], false_texts[0]]})
+    return ProbeResult(
+        name,
+        family,
+        modality,
+        len(items),
+        acc,
+        0.5,
+        detail={"example": [true_texts[0], false_texts[0]]},
+    )
 
 
-def digit_probes(items: torch.Tensor, labels: Sequence[int], modality: str, encode_text,
-                 seed: int = 0) -> list[ProbeResult]:
+def digit_probes(
+    items: torch.Tensor, labels: Sequence[int], modality: str, encode_text, seed: int = 0
+) -> list[ProbeResult]:
     """Negation on digits: "the digit X." vs "not the digit X." (the item shows X), and
     "not the digit Y." (true) vs "not the digit X." (false), which a bag of words cannot pass;
     and a control, "the digit X." vs "the digit Y."."""
@@ -134,20 +176,39 @@ def digit_probes(items: torch.Tensor, labels: Sequence[int], modality: str, enco
     name = [DIGIT_NAMES[int(lbl)] for lbl in labels]
     other = [DIGIT_NAMES[o] for o in others]
     return [
-        item_probe("digit vs other digit (control)", "control", modality, items,
-                   [f"the digit {n}." for n in name], [f"the digit {o}." for o in other],
-                   encode_text),
-        item_probe("X vs not X", "negation", modality, items,
-                   [f"the digit {n}." for n in name], [f"not the digit {n}." for n in name],
-                   encode_text),
-        item_probe("not Y vs not X", "negation", modality, items,
-                   [f"not the digit {o}." for o in other], [f"not the digit {n}." for n in name],
-                   encode_text),
+        item_probe(
+            "digit vs other digit (control)",
+            "control",
+            modality,
+            items,
+            [f"the digit {n}." for n in name],
+            [f"the digit {o}." for o in other],
+            encode_text,
+        ),
+        item_probe(
+            "X vs not X",
+            "negation",
+            modality,
+            items,
+            [f"the digit {n}." for n in name],
+            [f"not the digit {n}." for n in name],
+            encode_text,
+        ),
+        item_probe(
+            "not Y vs not X",
+            "negation",
+            modality,
+            items,
+            [f"not the digit {o}." for o in other],
+            [f"not the digit {n}." for n in name],
+            encode_text,
+        ),
     ]
 
 
-def render_probe_scenes(objects: Sequence[Sequence[tuple[int, float, float, float]]],
-                        size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+def render_probe_scenes(
+    objects: Sequence[Sequence[tuple[int, float, float, float]]], size: int = 32, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Scenes with chosen shapes at chosen places, in the style of ``data.scenes``:
     ``objects[i]`` lists (shape, cx, cy, radius) of scene i, coordinates in [0, 1].
     Returns ``rgb`` [N,3,S,S] in [0,1], ``depth`` metres [N,1,S,S], ``thermal`` [N,1,S,S]."""
@@ -160,8 +221,13 @@ def render_probe_scenes(objects: Sequence[Sequence[tuple[int, float, float, floa
     mask = torch.zeros(n, 1, size, size)
     for i, scene in enumerate(objects):
         for shape, cx, cy, radius in scene:
-            m = _shape_masks(torch.tensor([shape]), torch.tensor([cx]), torch.tensor([cy]),
-                             torch.tensor([radius]), size)
+            m = _shape_masks(
+                torch.tensor([shape]),
+                torch.tensor([cx]),
+                torch.tensor([cy]),
+                torch.tensor([radius]),
+                size,
+            )
             mask[i, 0] = torch.maximum(mask[i, 0], m[0])
     rows = ((torch.arange(size, dtype=torch.float32) + 0.5) / size).view(1, 1, size, 1)
     horizon = uniform(0.3, 0.6, n).view(-1, 1, 1, 1)
@@ -206,8 +272,9 @@ def _side_scenes(n: int, g: torch.Generator):
         word = SHAPES[shape]
         a, b = f"a photo of a {word} on the left.", f"a photo of a {word} on the right."
         texts.append((a, b) if left else (b, a))
-        other = SHAPES[(shape + 1 + int(torch.randint(len(SHAPES) - 1, (1,), generator=g)))
-                       % len(SHAPES)]
+        other = SHAPES[
+            (shape + 1 + int(torch.randint(len(SHAPES) - 1, (1,), generator=g))) % len(SHAPES)
+        ]
         controls.append((f"a photo of a {word}.", f"a photo of a {other}."))
     return specs, texts, controls
 
@@ -220,12 +287,19 @@ def _embed_scenes(scenes: dict, modality: str, encode, normalisation: dict | Non
         # The encoder saw its training data standardised; the rendered scenes must be too.
         stats = (normalisation or {}).get(modality) or {"mean": 0.0, "std": 1.0}
         x = (raw - stats["mean"]) / stats["std"]
-    return torch.cat([F.normalize(encode(x[i : i + 128]).float(), dim=-1).cpu()
-                      for i in range(0, len(x), 128)])
+    return torch.cat(
+        [F.normalize(encode(x[i : i + 128]).float(), dim=-1).cpu() for i in range(0, len(x), 128)]
+    )
 
 
-def scene_probes(encoders: dict, encode_text, num: int = 200, size: int = 32, seed: int = 0,
-                 normalisation: dict | None = None) -> list[ProbeResult]:
+def scene_probes(
+    encoders: dict,
+    encode_text,
+    num: int = 200,
+    size: int = 32,
+    seed: int = 0,
+    normalisation: dict | None = None,
+) -> list[ProbeResult]:
     """Counting, spatial and control probes on rendered scenes, for every modality in
     ``encoders`` (``vision`` takes normalised RGB; depth/thermal take the scenes' disparity /
     intensity normalised by ``normalisation[modality]`` = {mean, std} of the run's data)."""
@@ -239,12 +313,33 @@ def scene_probes(encoders: dict, encode_text, num: int = 200, size: int = 32, se
         counted = _embed_scenes(count_scenes, modality, encode, normalisation)
         sided = _embed_scenes(side_scenes, modality, encode, normalisation)
         out += [
-            item_probe("shape vs other shape (control)", "control", modality, sided,
-                       [c[0] for c in control_texts], [c[1] for c in control_texts], encode_text),
-            item_probe("one vs two shapes", "counting", modality, counted,
-                       [t[0] for t in count_texts], [t[1] for t in count_texts], encode_text),
-            item_probe("left vs right", "spatial", modality, sided,
-                       [t[0] for t in side_texts], [t[1] for t in side_texts], encode_text),
+            item_probe(
+                "shape vs other shape (control)",
+                "control",
+                modality,
+                sided,
+                [c[0] for c in control_texts],
+                [c[1] for c in control_texts],
+                encode_text,
+            ),
+            item_probe(
+                "one vs two shapes",
+                "counting",
+                modality,
+                counted,
+                [t[0] for t in count_texts],
+                [t[1] for t in count_texts],
+                encode_text,
+            ),
+            item_probe(
+                "left vs right",
+                "spatial",
+                modality,
+                sided,
+                [t[0] for t in side_texts],
+                [t[1] for t in side_texts],
+                encode_text,
+            ),
         ]
     return out
 
@@ -254,13 +349,17 @@ def scene_probes(encoders: dict, encode_text, num: int = 200, size: int = 32, se
 
 def format_probe_table(results: Sequence[ProbeResult]) -> str:
     """A Markdown table: probe, family, modality, pairs, accuracy, chance (mean cosine)."""
-    lines = ["| probe | family | modality | pairs | accuracy | chance | mean cos |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| probe | family | modality | pairs | accuracy | chance | mean cos |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         chance = "-" if r.chance is None else f"{100 * r.chance:.0f}%"
         cos = "-" if r.mean_cosine is None else f"{r.mean_cosine:.3f}"
-        lines.append(f"| {r.probe} | {r.family} | {r.modality} | {r.pairs} | "
-                     f"{100 * r.accuracy:.1f}% | {chance} | {cos} |")
+        lines.append(
+            f"| {r.probe} | {r.family} | {r.modality} | {r.pairs} | "
+            f"{100 * r.accuracy:.1f}% | {chance} | {cos} |"
+        )
     return "\n".join(lines)
 
 
@@ -268,9 +367,15 @@ def as_dicts(results: Sequence[ProbeResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-def run_probes(space, collections: dict | None = None, run_info: dict | None = None,
-               normalisation: dict | None = None, num_scenes: int = 200,
-               threshold: float = 0.9, seed: int = 0) -> list[ProbeResult]:
+def run_probes(
+    space,
+    collections: dict | None = None,
+    run_info: dict | None = None,
+    normalisation: dict | None = None,
+    num_scenes: int = 200,
+    threshold: float = 0.9,
+    seed: int = 0,
+) -> list[ProbeResult]:
     """Every probe that the space and the run's data allow: text probes always; digit probes
     on the digit-labelled collections of an AV-MNIST run (images and clips); scene probes for
     vision and for a depth/thermal encoder of the space."""

@@ -42,22 +42,79 @@ from .zero_shot import class_scores, class_text_embeddings, topk_accuracy
 
 # ESC-50 (Piczak 2015) in ``target`` order, as in meta/esc50.csv.
 ESC50_CLASSES = [
-    "dog", "rooster", "pig", "cow", "frog", "cat", "hen", "insects", "sheep", "crow",
-    "rain", "sea waves", "crackling fire", "crickets", "chirping birds", "water drops", "wind",
-    "pouring water", "toilet flush", "thunderstorm", "crying baby", "sneezing", "clapping",
-    "breathing", "coughing", "footsteps", "laughing", "brushing teeth", "snoring",
-    "drinking sipping", "door wood knock", "mouse click", "keyboard typing", "door wood creaks",
-    "can opening", "washing machine", "vacuum cleaner", "clock alarm", "clock tick",
-    "glass breaking", "helicopter", "chainsaw", "siren", "car horn", "engine", "train",
-    "church bells", "airplane", "fireworks", "hand saw",
+    "dog",
+    "rooster",
+    "pig",
+    "cow",
+    "frog",
+    "cat",
+    "hen",
+    "insects",
+    "sheep",
+    "crow",
+    "rain",
+    "sea waves",
+    "crackling fire",
+    "crickets",
+    "chirping birds",
+    "water drops",
+    "wind",
+    "pouring water",
+    "toilet flush",
+    "thunderstorm",
+    "crying baby",
+    "sneezing",
+    "clapping",
+    "breathing",
+    "coughing",
+    "footsteps",
+    "laughing",
+    "brushing teeth",
+    "snoring",
+    "drinking sipping",
+    "door wood knock",
+    "mouse click",
+    "keyboard typing",
+    "door wood creaks",
+    "can opening",
+    "washing machine",
+    "vacuum cleaner",
+    "clock alarm",
+    "clock tick",
+    "glass breaking",
+    "helicopter",
+    "chainsaw",
+    "siren",
+    "car horn",
+    "engine",
+    "train",
+    "church bells",
+    "airplane",
+    "fireworks",
+    "hand saw",
 ]
 
 # SUN RGB-D scene classification (Song et al. 2015): the 19 scenes with more than 80 frames;
 # the test frames of other scenes are left out (5,050 -> 4,660 frames).
 SUN_D_CLASSES = [
-    "bathroom", "bedroom", "classroom", "computer room", "conference room", "corridor",
-    "dining area", "dining room", "discussion area", "furniture store", "home office",
-    "kitchen", "lab", "lecture theatre", "library", "living room", "office", "rest space",
+    "bathroom",
+    "bedroom",
+    "classroom",
+    "computer room",
+    "conference room",
+    "corridor",
+    "dining area",
+    "dining room",
+    "discussion area",
+    "furniture store",
+    "home office",
+    "kitchen",
+    "lab",
+    "lecture theatre",
+    "library",
+    "living room",
+    "office",
+    "rest space",
     "study space",
 ]
 
@@ -65,13 +122,36 @@ SUN_D_CLASSES = [
 # nine most frequent and "other". "other" has no prompt of its own: its score is the best
 # score of the 18 remaining scene names below.
 NYU_D_CLASSES = [
-    "bedroom", "kitchen", "living room", "bathroom", "dining room", "office", "home office",
-    "classroom", "bookstore", "other",
+    "bedroom",
+    "kitchen",
+    "living room",
+    "bathroom",
+    "dining room",
+    "office",
+    "home office",
+    "classroom",
+    "bookstore",
+    "other",
 ]
 NYU_D_OTHER_SCENES = [
-    "indoor balcony", "exercise room", "printer room", "laundry room", "dinette", "foyer",
-    "conference room", "cafe", "home storage", "student lounge", "computer lab", "basement",
-    "study room", "office kitchen", "reception room", "study", "furniture store", "playroom",
+    "indoor balcony",
+    "exercise room",
+    "printer room",
+    "laundry room",
+    "dinette",
+    "foyer",
+    "conference room",
+    "cafe",
+    "home storage",
+    "student lounge",
+    "computer lab",
+    "basement",
+    "study room",
+    "office kitchen",
+    "reception room",
+    "study",
+    "furniture store",
+    "playroom",
 ]
 # The dataset's own spellings of those names.
 _NYU_SPELLING = {"excercise room": "exercise room"}
@@ -111,55 +191,103 @@ PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in [
         Protocol(
-            "esc50", "ESC-50", "esc50", "audio", "classification", ("top1",),
-            (Reference(IB, "top1", 66.9), Reference("ViT-Lens-L", "top1", 75.9),
-             Reference("LAION-CLAP", "top1", 91.0, "text-paired training, not emergent")),
-            classnames=ESC50_CLASSES, group_by="fold",
+            "esc50",
+            "ESC-50",
+            "esc50",
+            "audio",
+            "classification",
+            ("top1",),
+            (
+                Reference(IB, "top1", 66.9),
+                Reference("ViT-Lens-L", "top1", 75.9),
+                Reference("LAION-CLAP", "top1", 91.0, "text-paired training, not emergent"),
+            ),
+            classnames=ESC50_CLASSES,
+            group_by="fold",
             test_set="2,000 clips, 5 folds of 400; top-1 per fold, then the mean",
         ),
         Protocol(
-            "audioset", "AudioSet", "audioset", "audio", "multilabel", ("mAP",),
+            "audioset",
+            "AudioSet",
+            "audioset",
+            "audio",
+            "multilabel",
+            ("mAP",),
             (Reference(IB, "mAP", 17.6),),
             layout_options={"split": "eval"},
             test_set="the eval segments (eval_segments.csv, about 20k clips as downloadable); "
-                     "mAP over the 527 classes with a positive",
+            "mAP over the 527 classes with a positive",
         ),
         Protocol(
-            "vggsound", "VGGSound", "vggsound", "audio", "classification", ("top1",),
+            "vggsound",
+            "VGGSound",
+            "vggsound",
+            "audio",
+            "classification",
+            ("top1",),
             (Reference(IB, "top1", 27.8),),
             layout_options={"split": "test"},
             test_set="the test split of vggsound.csv (309 classes)",
         ),
         Protocol(
-            "sund", "SUN-D", "sunrgbd", "depth", "classification", ("top1",),
+            "sund",
+            "SUN-D",
+            "sunrgbd",
+            "depth",
+            "classification",
+            ("top1",),
             (Reference(IB, "top1", 35.1), Reference("ViT-Lens-L", "top1", 52.2)),
             layout_options={"split": "test", "classnames": SUN_D_CLASSES},
             classnames=SUN_D_CLASSES,
             test_set="SUN RGB-D test frames of the 19 scene classes (4,660), depth only",
         ),
         Protocol(
-            "nyud", "NYU-D", "nyud", "depth", "classification", ("top1",),
-            (Reference(IB, "top1", 54.0), Reference("LanguageBind", "top1", 65.1),
-             Reference("ViT-Lens-L", "top1", 68.5)),
+            "nyud",
+            "NYU-D",
+            "nyud",
+            "depth",
+            "classification",
+            ("top1",),
+            (
+                Reference(IB, "top1", 54.0),
+                Reference("LanguageBind", "top1", 65.1),
+                Reference("ViT-Lens-L", "top1", 68.5),
+            ),
             layout_options={"split": "test"},
-            classnames=NYU_D_CLASSES, class_prompts={9: NYU_D_OTHER_SCENES},
+            classnames=NYU_D_CLASSES,
+            class_prompts={9: NYU_D_OTHER_SCENES},
             test_set="NYU-D v2 test frames (654), 10 classes; 'other' = best of 18 scene names",
         ),
         Protocol(
-            "llvip", "LLVIP", "llvip", "thermal", "classification", ("top1",),
+            "llvip",
+            "LLVIP",
+            "llvip",
+            "thermal",
+            "classification",
+            ("top1",),
             (Reference(IB, "top1", 63.4), Reference("LanguageBind", "top1", 87.2)),
             layout_options={"split": "test", "crops": "both"},
             classnames=LLVIP_CLASSES,
             test_set="person boxes of the test images and as many background boxes, thermal",
         ),
         Protocol(
-            "clotho", "Clotho", "clotho", "audio", "retrieval", ("t2a_R@1", "t2a_R@10"),
+            "clotho",
+            "Clotho",
+            "clotho",
+            "audio",
+            "retrieval",
+            ("t2a_R@1", "t2a_R@10"),
             (Reference(IB, "t2a_R@1", 6.0), Reference(IB, "t2a_R@10", 28.4)),
             layout_options={"split": "evaluation"},
             test_set="evaluation split (1,045 clips x 5 captions); each caption a query",
         ),
         Protocol(
-            "audiocaps", "AudioCaps", "audiocaps", "audio", "retrieval", ("t2a_R@1", "t2a_R@10"),
+            "audiocaps",
+            "AudioCaps",
+            "audiocaps",
+            "audio",
+            "retrieval",
+            ("t2a_R@1", "t2a_R@10"),
             (Reference(IB, "t2a_R@1", 9.3), Reference(IB, "t2a_R@10", 42.3)),
             layout_options={"split": "test"},
             test_set="test split (about 975 clips x 5 captions); each caption a query",
@@ -206,14 +334,20 @@ def prepare_records(protocol: Protocol, records: list[Record], layout_names: lis
                 continue
             scene = _NYU_SPELLING.get(scene, scene)
             if scene not in known:
-                warnings.warn(f"nyud: scene {scene!r} of {r.id} is not an NYU-D scene type; "
-                              "scored as 'other'", stacklevel=2)
+                warnings.warn(
+                    f"nyud: scene {scene!r} of {r.id} is not an NYU-D scene type; "
+                    "scored as 'other'",
+                    stacklevel=2,
+                )
             kept.append(r)
             labels.append(index.get(scene, len(NYU_D_CLASSES) - 1))
         return kept, labels, classnames, len(records) - len(kept)
     if protocol.name == "esc50" and layout_names:
-        differ = [(i, a, b) for i, (a, b) in enumerate(zip(layout_names, classnames))
-                  if _norm(a) != _norm(b)]
+        differ = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(layout_names, classnames))
+            if _norm(a) != _norm(b)
+        ]
         if differ:
             raise ValueError(
                 f"esc50: meta/esc50.csv names class {differ[0][0]} {differ[0][1]!r}, the standard "
@@ -227,16 +361,22 @@ def prepare_records(protocol: Protocol, records: list[Record], layout_names: lis
             raise ValueError(f"{protocol.name}: multi-label records in a single-label protocol")
         labels = [int(r.label) for r in kept]
         if labels and max(labels) >= len(classnames):
-            raise ValueError(f"{protocol.name}: label {max(labels)} but only "
-                             f"{len(classnames)} classes")
+            raise ValueError(
+                f"{protocol.name}: label {max(labels)} but only {len(classnames)} classes"
+            )
     return kept, labels, classnames, len(records) - len(kept)
 
 
 # ------------------------------------------------------------------------ loading records
 
 
-def record_loader(space: Space, modality: str, records: list[Record], root: Path,
-                  keys: Sequence[str] | None = None):
+def record_loader(
+    space: Space,
+    modality: str,
+    records: list[Record],
+    root: Path,
+    keys: Sequence[str] | None = None,
+):
     """Index -> {key: model input} for ``keys`` (default: the modality alone).
 
     Depth and thermal records with an RGB partner are read through the training pipeline's
@@ -270,9 +410,14 @@ def record_loader(space: Space, modality: str, records: list[Record], root: Path
             out = sampler(sources, record.meta, False, None)
             return {k: out[k] for k in keys}
         if sampler is not None:
-            options = {**space.preprocess(modality),
-                       **{k: record.meta[k] for k in ("fx", "baseline", "layout")
-                          if record.meta.get(k) is not None}}
+            options = {
+                **space.preprocess(modality),
+                **{
+                    k: record.meta[k]
+                    for k in ("fx", "baseline", "layout")
+                    if record.meta.get(k) is not None
+                },
+            }
             if modality == "depth" and "intrinsics" in sources:
                 options["intrinsics"] = sources["intrinsics"]
             spec = get_modality(modality)
@@ -282,25 +427,41 @@ def record_loader(space: Space, modality: str, records: list[Record], root: Path
     return load
 
 
-def embed_records(space: Space, modality: str, records: list[Record], root: Path,
-                  batch_size: int = 32, num_workers: int = 0, progress: bool = False,
-                  cache: str | Path | None = None, tag: str = "", skip_bad: bool = True):
+def embed_records(
+    space: Space,
+    modality: str,
+    records: list[Record],
+    root: Path,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = False,
+    cache: str | Path | None = None,
+    tag: str = "",
+    skip_bad: bool = True,
+):
     """-> (embeddings [M, D], indices into ``records`` of the M embedded, errors, cache used)."""
     ids = [r.id for r in records]
     errors: dict[str, str] = {}
 
     def compute():
         out = embed_stream(
-            {modality: space.encoder_fn(modality)}, len(records),
-            record_loader(space, modality, records, root), batch_size, num_workers, progress,
-            f"embed {tag or modality}", skip_bad, space.device,
+            {modality: space.encoder_fn(modality)},
+            len(records),
+            record_loader(space, modality, records, root),
+            batch_size,
+            num_workers,
+            progress,
+            f"embed {tag or modality}",
+            skip_bad,
+            space.device,
         )
         errors.update({ids[i]: e for i, e in out.errors.items()})
         return out.embeddings[modality], [ids[i] for i in out.kept.tolist()]
 
     fingerprint = f"{space.fingerprint(modality)}:{tag}"
-    emb, kept_ids, used = cached(cache, ids, fingerprint, compute,
-                                 {"modality": modality, "protocol": tag})
+    emb, kept_ids, used = cached(
+        cache, ids, fingerprint, compute, {"modality": modality, "protocol": tag}
+    )
     position = {rid: i for i, rid in enumerate(ids)}
     kept = torch.tensor([position[r] for r in kept_ids], dtype=torch.long)
     return emb, kept, errors, used
@@ -309,8 +470,12 @@ def embed_records(space: Space, modality: str, records: list[Record], root: Path
 # ------------------------------------------------------------------------------- scoring
 
 
-def class_name_embeddings(space: Space, classnames: Sequence[str], templates: Sequence[str],
-                          class_prompts: dict[int, list[str]] | None = None):
+def class_name_embeddings(
+    space: Space,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    class_prompts: dict[int, list[str]] | None = None,
+):
     """Prompt-ensembled embeddings of every name scored -> (names [K, D], owner class [K]).
 
     A class scores as its best name: one name per class, except where ``class_prompts`` gives
@@ -345,8 +510,14 @@ def score_classification(embeddings, labels, name_emb, owner, num_classes, group
     return out
 
 
-def score_retrieval(space: Space, audio_emb: torch.Tensor, records: list[Record],
-                    kept: torch.Tensor, ks=(1, 5, 10), progress: bool = False) -> dict:
+def score_retrieval(
+    space: Space,
+    audio_emb: torch.Tensor,
+    records: list[Record],
+    kept: torch.Tensor,
+    ks=(1, 5, 10),
+    progress: bool = False,
+) -> dict:
     """Text<->item retrieval with several captions per item; ``kept`` are the records whose
     item was embedded (captions of a skipped item have no positive and are left out)."""
     captions, owner = [], []
@@ -389,12 +560,21 @@ def evaluate_protocol(
     if not records:
         raise ValueError(f"{protocol.name}: no test records under {root} (options {options})")
     emb, kept, errors, used_cache = embed_records(
-        space, protocol.modality, records, root, batch_size, num_workers, progress, cache,
-        protocol.name, skip_bad,
+        space,
+        protocol.modality,
+        records,
+        root,
+        batch_size,
+        num_workers,
+        progress,
+        cache,
+        protocol.name,
+        skip_bad,
     )
     if len(kept) == 0:
-        raise ValueError(f"{protocol.name}: every record failed to load, e.g. "
-                         f"{next(iter(errors.values()), '?')}")
+        raise ValueError(
+            f"{protocol.name}: every record failed to load, e.g. {next(iter(errors.values()), '?')}"
+        )
     result = {
         "protocol": protocol.name,
         "title": protocol.title,
@@ -416,8 +596,9 @@ def evaluate_protocol(
         template_list = get_templates(templates or protocol.templates)
         result["templates"] = len(template_list)
         result["classnames"] = classnames
-        name_emb, owner = class_name_embeddings(space, classnames, template_list,
-                                                protocol.class_prompts)
+        name_emb, owner = class_name_embeddings(
+            space, classnames, template_list, protocol.class_prompts
+        )
         kept_labels = [labels[i] for i in kept.tolist()]
         if protocol.task == "multilabel":
             scores = class_scores(emb, name_emb, owner, len(classnames))
@@ -427,8 +608,9 @@ def evaluate_protocol(
             groups = None
             if protocol.group_by == "fold":
                 groups = [records[i].fold for i in kept.tolist()]
-            metrics = score_classification(emb, kept_labels, name_emb, owner, len(classnames),
-                                           groups)
+            metrics = score_classification(
+                emb, kept_labels, name_emb, owner, len(classnames), groups
+            )
             if groups is not None:
                 # The published number is the mean over folds, not the pooled accuracy.
                 for k in ("top1", "top5"):
@@ -457,10 +639,16 @@ def format_table(result: dict) -> str:
     per = result["metrics"].get("per_group")
     if per:
         for group, values in per.items():
-            rows.append([f"  fold {group} top1", f"{100 * values['top1']:.1f}",
-                         *["" for _ in models]])
-        rows.append(["  pooled top1", f"{100 * result['metrics']['top1_pooled']:.1f}",
-                     *["" for _ in models]])
+            rows.append(
+                [f"  fold {group} top1", f"{100 * values['top1']:.1f}", *["" for _ in models]]
+            )
+        rows.append(
+            [
+                "  pooled top1",
+                f"{100 * result['metrics']['top1_pooled']:.1f}",
+                *["" for _ in models],
+            ]
+        )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         f"{result['title']} ({result['modality']}): {result['num_evaluated']} evaluated"
@@ -529,8 +717,9 @@ def _avmnist_images(cfg, space: Space) -> Collection:
     held = ~image_split(len(images))
     anchor = space.anchor
     pixels = anchor.normalize_pixels(digits_to_pixels(images[held], anchor.image_size[0]))
-    emb = torch.cat([anchor.encode_image(pixels[i : i + 256]).cpu()
-                     for i in range(0, len(pixels), 256)])
+    emb = torch.cat(
+        [anchor.encode_image(pixels[i : i + 256]).cpu() for i in range(0, len(pixels), 256)]
+    )
     index = torch.nonzero(held).flatten().tolist()
     names = [f"digit-image-{i}" for i in index]
     return Collection("vision", emb, None, labels[held].tolist(), names)
@@ -540,9 +729,15 @@ def _avmnist_images(cfg, space: Space) -> Collection:
 EXTRA_GALLERIES = {"avmnist": _avmnist_images}
 
 
-def run_collections(space: Space, run_dir: str | Path, templates=None, batch_size: int = 64,
-                    progress: bool = False, num_workers: int = 0,
-                    built: tuple | None = None) -> tuple[dict, dict]:
+def run_collections(
+    space: Space,
+    run_dir: str | Path,
+    templates=None,
+    batch_size: int = 64,
+    progress: bool = False,
+    num_workers: int = 0,
+    built: tuple | None = None,
+) -> tuple[dict, dict]:
     """Embed a run's evaluation split -> ({modality: Collection}, info). The run's modality,
     the paired image when samples carry one (else a dataset's extra gallery), and the class
     prompts as a ``text`` collection. ``built``: a (config, bundle) from ``run_bundle``."""
@@ -557,36 +752,66 @@ def run_collections(space: Space, run_dir: str | Path, templates=None, batch_siz
         sample = dataset[i]
         return {**{k: sample[k] for k in keys}, "id": str(sample["id"]), "label": sample["label"]}
 
-    out = embed_stream(encoders, len(dataset), load, batch_size, num_workers, progress,
-                       f"embed {modality}", True, space.device, extras=("id", "label"))
+    out = embed_stream(
+        encoders,
+        len(dataset),
+        load,
+        batch_size,
+        num_workers,
+        progress,
+        f"embed {modality}",
+        True,
+        space.device,
+        extras=("id", "label"),
+    )
     ids, labels = out.extras["id"], [int(x) for x in out.extras["label"]]
     has_labels = bool(bundle.classnames) and all(x >= 0 for x in labels)
-    colls = {k: Collection(k, out.embeddings[k], ids, labels if has_labels else None, ids)
-             for k in keys}
+    colls = {
+        k: Collection(k, out.embeddings[k], ids, labels if has_labels else None, ids) for k in keys
+    }
     if "vision" not in colls and cfg.data.dataset in EXTRA_GALLERIES:
         colls["vision"] = EXTRA_GALLERIES[cfg.data.dataset](cfg, space)
-    info = {"run_dir": str(run_dir), "dataset": cfg.data.dataset, "modality": modality,
-            "num_eval": len(dataset), "skipped": len(out.errors), "classnames": bundle.classnames}
+    info = {
+        "run_dir": str(run_dir),
+        "dataset": cfg.data.dataset,
+        "modality": modality,
+        "num_eval": len(dataset),
+        "skipped": len(out.errors),
+        "classnames": bundle.classnames,
+    }
     if bundle.classnames:
         template_list = run_templates(cfg, bundle, templates)
         text = class_text_embeddings(space.anchor.encode_text, bundle.classnames, template_list)
-        colls["text"] = Collection("text", text.cpu(), None, list(range(len(bundle.classnames))),
-                                   list(bundle.classnames))
+        colls["text"] = Collection(
+            "text", text.cpu(), None, list(range(len(bundle.classnames))), list(bundle.classnames)
+        )
         info["templates"] = template_list
     return colls, info
 
 
-def evaluate_run(space: Space, run_dir: str | Path, templates=None, batch_size: int = 64,
-                 progress: bool = False, collections: tuple[dict, dict] | None = None) -> dict:
+def evaluate_run(
+    space: Space,
+    run_dir: str | Path,
+    templates=None,
+    batch_size: int = 64,
+    progress: bool = False,
+    collections: tuple[dict, dict] | None = None,
+) -> dict:
     """Zero-shot classification on a run's own evaluation split, in the protocol result form."""
     colls, info = collections or run_collections(space, run_dir, templates, batch_size, progress)
     modality = info["modality"]
     if "text" not in colls or colls[modality].labels is None:
-        raise ValueError(f"{run_dir}: dataset {info['dataset']} has no class labels; "
-                         "use eval/retrieval.py")
+        raise ValueError(
+            f"{run_dir}: dataset {info['dataset']} has no class labels; use eval/retrieval.py"
+        )
     classnames = info["classnames"]
-    metrics = score_classification(colls[modality].embeddings, colls[modality].labels,
-                                   colls["text"].embeddings, None, len(classnames))
+    metrics = score_classification(
+        colls[modality].embeddings,
+        colls[modality].labels,
+        colls["text"].embeddings,
+        None,
+        len(classnames),
+    )
     return {
         "protocol": "run",
         "title": f"{info['dataset']} evaluation split",
@@ -606,10 +831,16 @@ def evaluate_run(space: Space, run_dir: str | Path, templates=None, batch_size: 
 # ------------------------------------------------------------------ cross-modal retrieval
 
 
-def record_collections(space: Space, records: list[Record], root: str | Path,
-                       modalities: Sequence[str] | None = None, batch_size: int = 32,
-                       num_workers: int = 0, progress: bool = False,
-                       cache_prefix: str | Path | None = None) -> dict[str, Collection]:
+def record_collections(
+    space: Space,
+    records: list[Record],
+    root: str | Path,
+    modalities: Sequence[str] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = False,
+    cache_prefix: str | Path | None = None,
+) -> dict[str, Collection]:
     """Embed every modality of the records that the space can encode (files, and captions as
     ``text``). Depth/thermal are read with their RGB partner so that both get the same crop.
     ``cache_prefix``: reuse/save each pass's embeddings as ``PREFIX.<keys>.safetensors``."""
@@ -629,22 +860,30 @@ def record_collections(space: Space, records: list[Record], root: str | Path,
         errors: dict = {}
 
         def compute():
-            out = embed_stream({k: space.encoder_fn(k) for k in keys}, len(has),
-                               record_loader(space, modality, [records[i] for i in has], root,
-                                             keys),
-                               batch_size, num_workers, progress, f"embed {'+'.join(keys)}",
-                               True, space.device)
+            out = embed_stream(
+                {k: space.encoder_fn(k) for k in keys},
+                len(has),
+                record_loader(space, modality, [records[i] for i in has], root, keys),
+                batch_size,
+                num_workers,
+                progress,
+                f"embed {'+'.join(keys)}",
+                True,
+                space.device,
+            )
             errors.update(out.errors)
             # Keys side by side in one tensor: one cache file per pass.
-            return torch.cat([out.embeddings[k] for k in keys], 1), [ids[i] for i in
-                                                                     out.kept.tolist()]
+            return torch.cat([out.embeddings[k] for k in keys], 1), [
+                ids[i] for i in out.kept.tolist()
+            ]
 
         cache = f"{cache_prefix}.{'+'.join(keys)}.safetensors" if cache_prefix else None
         fingerprint = "+".join(space.fingerprint(k) for k in keys)
         emb, kept_ids, _ = cached(cache, ids, fingerprint, compute, {"modalities": list(keys)})
         if has and not kept_ids:
-            raise ValueError(f"no {modality} file could be read, e.g. "
-                             f"{next(iter(errors.values()), '?')}")
+            raise ValueError(
+                f"no {modality} file could be read, e.g. {next(iter(errors.values()), '?')}"
+            )
         position = {r.id: i for i, r in enumerate(records)}
         kept = [position[r] for r in kept_ids]
         labels = [labels_all[i] for i in kept] if use_labels else None
@@ -677,20 +916,31 @@ def _positives(query: Collection, gallery: Collection):
     if query.labels is not None and gallery.labels is not None:
         have = set(gallery.labels)
         rows = [n for n, label in enumerate(query.labels) if label in have]
-        return (torch.tensor([query.labels[n] for n in rows]), torch.tensor(gallery.labels),
-                "class", rows)
+        return (
+            torch.tensor([query.labels[n] for n in rows]),
+            torch.tensor(gallery.labels),
+            "class",
+            rows,
+        )
     return None
 
 
 def default_directions(collections: dict[str, Collection]) -> list[tuple[str, str]]:
     names = list(collections)
-    return [(a, b) for a in names for b in names
-            if a != b and _positives(collections[a], collections[b]) is not None]
+    return [
+        (a, b)
+        for a in names
+        for b in names
+        if a != b and _positives(collections[a], collections[b]) is not None
+    ]
 
 
-def cross_modal_retrieval(collections: dict[str, Collection],
-                          directions: Sequence[tuple[str, str]] | None = None,
-                          ks: Sequence[int] = (1, 5, 10), progress: bool = False) -> dict:
+def cross_modal_retrieval(
+    collections: dict[str, Collection],
+    directions: Sequence[tuple[str, str]] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    progress: bool = False,
+) -> dict:
     """R@K and median rank for each (query modality, gallery modality) direction. Rows pair up
     by id where both sides have ids in common (instance retrieval; several captions per item
     allowed), else by class label (class-level retrieval: any item of the class counts)."""
@@ -703,23 +953,42 @@ def cross_modal_retrieval(collections: dict[str, Collection],
         if found is None:
             raise ValueError(f"{a}->{b}: the two sides share neither ids nor labels")
         qg, gg, mode, rows = found
-        metrics = chunked_retrieval_metrics(collections[a].embeddings[rows],
-                                            collections[b].embeddings, ks, qg, gg,
-                                            progress=progress)
-        metrics.update(positives=mode, queries=len(rows), gallery=len(gg),
-                       queries_without_positive=len(collections[a].embeddings) - len(rows))
+        metrics = chunked_retrieval_metrics(
+            collections[a].embeddings[rows],
+            collections[b].embeddings,
+            ks,
+            qg,
+            gg,
+            progress=progress,
+        )
+        metrics.update(
+            positives=mode,
+            queries=len(rows),
+            gallery=len(gg),
+            queries_without_positive=len(collections[a].embeddings) - len(rows),
+        )
         results[f"{a}->{b}"] = metrics
     return results
 
 
 def format_retrieval(results: dict, ks: Sequence[int] = (1, 5, 10)) -> str:
     header = ["direction", "positives", "queries", "gallery", *[f"R@{k}" for k in ks], "MdR"]
-    rows = [[d, m["positives"], str(m["queries"]), str(m["gallery"]),
-             *[f"{100 * m[f'R@{k}']:.1f}" for k in ks], f"{m['median_rank']:.0f}"]
-            for d, m in results.items()]
+    rows = [
+        [
+            d,
+            m["positives"],
+            str(m["queries"]),
+            str(m["gallery"]),
+            *[f"{100 * m[f'R@{k}']:.1f}" for k in ks],
+            f"{m['median_rank']:.0f}",
+        ]
+        for d, m in results.items()
+    ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "-+-".join("-" * w for w in widths)]
+    lines = [
+        " | ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "-+-".join("-" * w for w in widths),
+    ]
     return "\n".join(lines + [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows])
 
 
@@ -753,8 +1022,14 @@ class eval_view:
         return False
 
 
-def run_train_collection(space: Space, run_dir: str | Path, batch_size: int = 64,
-                         progress: bool = False, num_workers: int = 0, built: tuple | None = None):
+def run_train_collection(
+    space: Space,
+    run_dir: str | Path,
+    batch_size: int = 64,
+    progress: bool = False,
+    num_workers: int = 0,
+    built: tuple | None = None,
+):
     """The run's training split in its modality, without augmentation -> (Collection, class
     names). ``built``: a (config, bundle) from ``run_bundle``, to build the data once."""
     cfg, bundle = built or run_bundle(run_dir, space.anchor)
@@ -766,12 +1041,22 @@ def run_train_collection(space: Space, run_dir: str | Path, batch_size: int = 64
         return {modality: sample[modality], "id": str(sample["id"]), "label": sample["label"]}
 
     with eval_view(dataset):
-        out = embed_stream({modality: space.encoder_fn(modality)}, len(dataset), load,
-                           batch_size, num_workers, progress, f"embed train {modality}", True,
-                           space.device, extras=("id", "label"))
+        out = embed_stream(
+            {modality: space.encoder_fn(modality)},
+            len(dataset),
+            load,
+            batch_size,
+            num_workers,
+            progress,
+            f"embed train {modality}",
+            True,
+            space.device,
+            extras=("id", "label"),
+        )
     labels = [int(x) for x in out.extras["label"]]
-    return Collection(modality, out.embeddings[modality], out.extras["id"], labels,
-                      out.extras["id"]), bundle.classnames
+    return Collection(
+        modality, out.embeddings[modality], out.extras["id"], labels, out.extras["id"]
+    ), bundle.classnames
 
 
 def parse_options(pairs: Sequence[str]) -> dict:

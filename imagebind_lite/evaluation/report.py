@@ -110,8 +110,15 @@ def plot_confusion(matrix, classnames: Sequence[str], path: Path) -> Path:
         for i in range(n):
             for j in range(n):
                 if cm[i, j] > 0:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     ax.set_title("zero-shot confusion matrix")
     fig.tight_layout()
@@ -138,8 +145,9 @@ def plot_per_class(accuracy: Sequence[float], classnames: Sequence[str], path: P
     return path
 
 
-def plot_similarity(sim: torch.Tensor, rows: Sequence[str], cols: Sequence[str], path: Path,
-                    title: str) -> Path:
+def plot_similarity(
+    sim: torch.Tensor, rows: Sequence[str], cols: Sequence[str], path: Path, title: str
+) -> Path:
     plt = _pyplot()
     label_room = 0.07 * max((len(r) for r in rows), default=0)  # inches for the row labels
     fig, ax = plt.subplots(figsize=(2.0 + label_room + 0.45 * len(cols), 1.5 + 0.4 * len(rows)))
@@ -161,8 +169,13 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) @ v[:, :2]
 
 
-def plot_projection(collections: dict, classnames: Sequence[str] | None, path: Path,
-                    per_modality: int = 400, seed: int = 0) -> Path:
+def plot_projection(
+    collections: dict,
+    classnames: Sequence[str] | None,
+    path: Path,
+    per_modality: int = 400,
+    seed: int = 0,
+) -> Path:
     """PCA of the normalised embeddings of every modality together: left coloured by
     modality (the modality gap shows as separate clouds), right by class."""
     plt = _pyplot()
@@ -179,18 +192,30 @@ def plot_projection(collections: dict, classnames: Sequence[str] | None, path: P
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for i, name in enumerate(collections):
         sel = [j for j, m in enumerate(mods) if m == name]
-        axes[0].scatter(xy[sel, 0], xy[sel, 1], s=60 if name == "text" else 8,
-                        marker=markers.get(name, "o"), label=name, alpha=0.7, color=f"C{i}")
+        axes[0].scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            s=60 if name == "text" else 8,
+            marker=markers.get(name, "o"),
+            label=name,
+            alpha=0.7,
+            color=f"C{i}",
+        )
     axes[0].set_title("shared space, by modality")
     axes[0].legend(fontsize=8)
     cmap = plt.get_cmap("tab10" if len(classnames or []) <= 10 else "tab20")
     for name in collections:
         sel = [j for j, m in enumerate(mods) if m == name]
-        colours = [cmap(labels[j] % cmap.N) if labels[j] >= 0 else (0.5, 0.5, 0.5, 1)
-                   for j in sel]
-        axes[1].scatter(xy[sel, 0], xy[sel, 1], c=colours, s=60 if name == "text" else 8,
-                        marker=markers.get(name, "o"), alpha=0.7,
-                        edgecolors="black" if name == "text" else "none")
+        colours = [cmap(labels[j] % cmap.N) if labels[j] >= 0 else (0.5, 0.5, 0.5, 1) for j in sel]
+        axes[1].scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            c=colours,
+            s=60 if name == "text" else 8,
+            marker=markers.get(name, "o"),
+            alpha=0.7,
+            edgecolors="black" if name == "text" else "none",
+        )
     if classnames:
         for c, cname in enumerate(classnames[: cmap.N]):
             axes[1].scatter([], [], color=cmap(c), label=cname, s=12)
@@ -226,15 +251,19 @@ def sample_rows(labels: Sequence[int] | None, n: int, seed: int = 0) -> list[int
     return sorted(rows, key=lambda i: labels[i])
 
 
-def retrieval_examples(query, gallery, k: int = 5, rows: Sequence[int] = (),
-                       classnames=None) -> list[dict]:
+def retrieval_examples(
+    query, gallery, k: int = 5, rows: Sequence[int] = (), classnames=None
+) -> list[dict]:
     """Top-k gallery items for some queries, each marked correct (same id, else same class)."""
     out = []
     q = F.normalize(query.embeddings[list(rows)].float(), dim=-1)
     sims = q @ F.normalize(gallery.embeddings.float(), dim=-1).T
     scores, idx = sims.topk(min(k, sims.shape[1]), dim=1)
-    paired = query.ids is not None and gallery.ids is not None and bool(
-        set(query.ids) & set(gallery.ids))
+    paired = (
+        query.ids is not None
+        and gallery.ids is not None
+        and bool(set(query.ids) & set(gallery.ids))
+    )
     for n, row in enumerate(rows):
         top = []
         for s, j in zip(scores[n].tolist(), idx[n].tolist()):
@@ -244,14 +273,21 @@ def retrieval_examples(query, gallery, k: int = 5, rows: Sequence[int] = (),
                 correct = gallery.labels[j] == query.labels[row]
             else:
                 correct = None
-            top.append({"item": gallery.names[j] if gallery.names else str(j), "score": s,
-                        "correct": correct})
+            top.append(
+                {
+                    "item": gallery.names[j] if gallery.names else str(j),
+                    "score": s,
+                    "correct": correct,
+                }
+            )
         label = query.labels[row] if query.labels else None
-        out.append({
-            "query": query.names[row] if query.names else str(row),
-            "class": classnames[label] if classnames and label is not None else label,
-            "top": top,
-        })
+        out.append(
+            {
+                "query": query.names[row] if query.names else str(row),
+                "class": classnames[label] if classnames and label is not None else label,
+                "top": top,
+            }
+        )
     return out
 
 
@@ -266,17 +302,20 @@ def space_geometry(collections: dict, modality: str) -> dict:
             out["uniformity"][name] = uniformity(collections[name].embeddings[:5000])
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            out["modality_gap"][f"{a}-{b}"] = modality_gap(collections[a].embeddings,
-                                                           collections[b].embeddings)
+            out["modality_gap"][f"{a}-{b}"] = modality_gap(
+                collections[a].embeddings, collections[b].embeddings
+            )
     mine = collections[modality]
     text = collections.get("text")
     if text is not None and mine.labels is not None and text.ids is None:
         out["alignment"][f"{modality}-text(class prompt)"] = alignment(
-            mine.embeddings, text.embeddings[torch.tensor(mine.labels)])
+            mine.embeddings, text.embeddings[torch.tensor(mine.labels)]
+        )
     vision = collections.get("vision")
     if vision is not None and vision.ids is not None and vision.ids == mine.ids:
-        out["alignment"][f"{modality}-vision(paired)"] = alignment(mine.embeddings,
-                                                                  vision.embeddings)
+        out["alignment"][f"{modality}-vision(paired)"] = alignment(
+            mine.embeddings, vision.embeddings
+        )
     return out
 
 
@@ -286,10 +325,20 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def build_report(space, run_dir: str | Path, out_dir: str | Path | None = None,
-                 probes: bool = True, linear: bool = False, sample: int = 12, k: int = 5,
-                 batch_size: int = 64, progress: bool = False, templates=None,
-                 shots: Sequence[int | None] = (1, 5, 10, None), seeds: int = 2) -> dict:
+def build_report(
+    space,
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    probes: bool = True,
+    linear: bool = False,
+    sample: int = 12,
+    k: int = 5,
+    batch_size: int = 64,
+    progress: bool = False,
+    templates=None,
+    shots: Sequence[int | None] = (1, 5, 10, None),
+    seeds: int = 2,
+) -> dict:
     """Evaluate the run and write ``out_dir`` (default ``RUN/report``). Returns the metrics."""
     from .linear_probe import linear_probe
     from .probes import as_dicts, format_probe_table, run_probes
@@ -308,43 +357,66 @@ def build_report(space, run_dir: str | Path, out_dir: str | Path | None = None,
     colls, info = run_collections(space, run_dir, templates, batch_size, progress, built=built)
     modality, classnames = info["modality"], info["classnames"]
     plots, md = {}, [f"# Evaluation report: `{run_dir.name}`", ""]
-    metrics: dict = {"run_dir": str(run_dir), "modality": modality, "dataset": info["dataset"],
-                     "num_eval": info["num_eval"]}
-    md += [f"Modality **{modality}**, dataset **{info['dataset']}** (evaluation split, "
-           f"{info['num_eval']} items).", ""]
+    metrics: dict = {
+        "run_dir": str(run_dir),
+        "modality": modality,
+        "dataset": info["dataset"],
+        "num_eval": info["num_eval"],
+    }
+    md += [
+        f"Modality **{modality}**, dataset **{info['dataset']}** (evaluation split, "
+        f"{info['num_eval']} items).",
+        "",
+    ]
 
     if classnames and "text" in colls and colls[modality].labels is not None:
         zs = evaluate_run(space, run_dir, collections=(colls, info))
         m = zs["metrics"]
-        metrics["zero_shot"] = {"top1": m["top1"], "top5": m["top5"],
-                                "per_class_accuracy": dict(zip(classnames,
-                                                               m["per_class_accuracy"])),
-                                "confusion_matrix": m["confusion_matrix"],
-                                "templates": info.get("templates")}
-        plots["confusion"] = plot_confusion(m["confusion_matrix"], classnames,
-                                            out / "confusion_matrix.png")
-        plots["per_class"] = plot_per_class(m["per_class_accuracy"], classnames,
-                                            out / "per_class_accuracy.png")
-        md += ["## Zero-shot classification", "",
-               f"Top-1 **{100 * m['top1']:.1f}%**, top-5 **{100 * m['top5']:.1f}%** over "
-               f"{len(classnames)} classes (chance {100 / len(classnames):.1f}%), prompts "
-               f"ensembled over {len(info.get('templates') or [])} templates.", "",
-               "![confusion matrix](confusion_matrix.png)", "",
-               "![per-class accuracy](per_class_accuracy.png)", ""]
+        metrics["zero_shot"] = {
+            "top1": m["top1"],
+            "top5": m["top5"],
+            "per_class_accuracy": dict(zip(classnames, m["per_class_accuracy"])),
+            "confusion_matrix": m["confusion_matrix"],
+            "templates": info.get("templates"),
+        }
+        plots["confusion"] = plot_confusion(
+            m["confusion_matrix"], classnames, out / "confusion_matrix.png"
+        )
+        plots["per_class"] = plot_per_class(
+            m["per_class_accuracy"], classnames, out / "per_class_accuracy.png"
+        )
+        md += [
+            "## Zero-shot classification",
+            "",
+            f"Top-1 **{100 * m['top1']:.1f}%**, top-5 **{100 * m['top5']:.1f}%** over "
+            f"{len(classnames)} classes (chance {100 / len(classnames):.1f}%), prompts "
+            f"ensembled over {len(info.get('templates') or [])} templates.",
+            "",
+            "![confusion matrix](confusion_matrix.png)",
+            "",
+            "![per-class accuracy](per_class_accuracy.png)",
+            "",
+        ]
 
     # A sample batch against the class prompts and against images.
     mine = colls[modality]
     rows = sample_rows(mine.labels, min(sample, len(mine.embeddings)))
     row_names = [
-        f"{mine.names[i]} ({classnames[mine.labels[i]]})" if classnames and mine.labels
-        else mine.names[i] for i in rows
+        f"{mine.names[i]} ({classnames[mine.labels[i]]})"
+        if classnames and mine.labels
+        else mine.names[i]
+        for i in rows
     ]
     x = F.normalize(mine.embeddings[rows].float(), dim=-1)
     if "text" in colls and colls["text"].ids is None:
         sim = x @ F.normalize(colls["text"].embeddings.float(), dim=-1).T
-        plots["similarity_text"] = plot_similarity(sim, row_names, colls["text"].names,
-                                                   out / "similarity_text.png",
-                                                   f"{modality} sample vs class prompts")
+        plots["similarity_text"] = plot_similarity(
+            sim,
+            row_names,
+            colls["text"].names,
+            out / "similarity_text.png",
+            f"{modality} sample vs class prompts",
+        )
         md += ["## Similarity of a sample batch", "", "![vs prompts](similarity_text.png)", ""]
     if "vision" in colls:
         vision = colls["vision"]
@@ -366,75 +438,136 @@ def build_report(space, run_dir: str | Path, out_dir: str | Path | None = None,
             cols = [i % len(vision.embeddings) for i in rows]
         sim = x @ F.normalize(vision.embeddings[cols].float(), dim=-1).T
         col_names = [vision.names[j] for j in cols]
-        plots["similarity_vision"] = plot_similarity(sim, row_names, col_names,
-                                                     out / "similarity_vision.png",
-                                                     f"{modality} sample vs images "
-                                                     "(diagonal: same class/pair)")
+        plots["similarity_vision"] = plot_similarity(
+            sim,
+            row_names,
+            col_names,
+            out / "similarity_vision.png",
+            f"{modality} sample vs images (diagonal: same class/pair)",
+        )
         md += ["![vs images](similarity_vision.png)", ""]
 
     plots["projection"] = plot_projection(colls, classnames, out / "projection.png")
     md += ["## The shared space", "", "![PCA projection](projection.png)", ""]
     geometry = space_geometry(colls, modality)
     metrics["geometry"] = geometry
-    md += ["Modality gap (distance between centroids of normalised embeddings), alignment "
-           "(E||x-y||^2 over positive pairs; 0 best, 4 worst) and uniformity "
-           "(log E exp(-2||x-y||^2); lower is more uniform):", "",
-           _md_table(["quantity", "between", "value"],
-                     [[q, k2, f"{v:.3f}"] for q in ("modality_gap", "alignment", "uniformity")
-                      for k2, v in geometry[q].items()]), ""]
+    md += [
+        "Modality gap (distance between centroids of normalised embeddings), alignment "
+        "(E||x-y||^2 over positive pairs; 0 best, 4 worst) and uniformity "
+        "(log E exp(-2||x-y||^2); lower is more uniform):",
+        "",
+        _md_table(
+            ["quantity", "between", "value"],
+            [
+                [q, k2, f"{v:.3f}"]
+                for q in ("modality_gap", "alignment", "uniformity")
+                for k2, v in geometry[q].items()
+            ],
+        ),
+        "",
+    ]
 
     retrieval = cross_modal_retrieval(colls)
     metrics["retrieval"] = retrieval
-    md += ["## Cross-modal retrieval", "",
-           _md_table(["direction", "positives", "queries", "gallery", "R@1", "R@5", "R@10",
-                      "median rank"],
-                     [[d, r["positives"], r["queries"], r["gallery"],
-                       *[f"{100 * r[f'R@{j}']:.1f}" for j in (1, 5, 10)],
-                       f"{r['median_rank']:.0f}"] for d, r in retrieval.items()]), ""]
+    md += [
+        "## Cross-modal retrieval",
+        "",
+        _md_table(
+            ["direction", "positives", "queries", "gallery", "R@1", "R@5", "R@10", "median rank"],
+            [
+                [
+                    d,
+                    r["positives"],
+                    r["queries"],
+                    r["gallery"],
+                    *[f"{100 * r[f'R@{j}']:.1f}" for j in (1, 5, 10)],
+                    f"{r['median_rank']:.0f}",
+                ]
+                for d, r in retrieval.items()
+            ],
+        ),
+        "",
+    ]
     examples = {}
     for target in ("vision", "text"):
         if target in colls:
             ex = retrieval_examples(mine, colls[target], k, rows[: min(4, len(rows))], classnames)
             examples[f"{modality}->{target}"] = ex
             md += [f"Top-{k} {target} for sample {modality} queries (correct marked ✓):", ""]
-            md += _md_table(["query", *[f"#{j + 1}" for j in range(k)]],
-                            [[f"{e['query']} ({e['class']})",
-                              *[f"{t['item']} {t['score']:.2f}{' ✓' if t['correct'] else ''}"
-                                for t in e["top"]]] for e in ex]).split("\n") + [""]
+            md += _md_table(
+                ["query", *[f"#{j + 1}" for j in range(k)]],
+                [
+                    [
+                        f"{e['query']} ({e['class']})",
+                        *[
+                            f"{t['item']} {t['score']:.2f}{' ✓' if t['correct'] else ''}"
+                            for t in e["top"]
+                        ],
+                    ]
+                    for e in ex
+                ],
+            ).split("\n") + [""]
     metrics["retrieval_examples"] = examples
 
     if probes:
         normalisation = run_normalisation(run_dir, space, modality)
         results = run_probes(space, colls, info, normalisation)
         metrics["probes"] = as_dicts(results)
-        md += ["## Limitation probes", "",
-               "Item probes: share of items whose true text beats the false one (chance 50%). "
-               "Text probes: share of pairs whose cosine is below 0.9.", "",
-               format_probe_table(results), ""]
+        md += [
+            "## Limitation probes",
+            "",
+            "Item probes: share of items whose true text beats the false one (chance 50%). "
+            "Text probes: share of pairs whose cosine is below 0.9.",
+            "",
+            format_probe_table(results),
+            "",
+        ]
 
     if linear and colls[modality].labels is not None:
         train, _ = run_train_collection(space, run_dir, batch_size, progress, built=built)
-        lp = linear_probe(train.embeddings, train.labels, mine.embeddings, mine.labels,
-                          len(classnames), shots=shots, seeds=seeds)
+        lp = linear_probe(
+            train.embeddings,
+            train.labels,
+            mine.embeddings,
+            mine.labels,
+            len(classnames),
+            shots=shots,
+            seeds=seeds,
+        )
         metrics["linear_probe"] = lp
-        md += ["## Few-shot linear probe", "",
-               "Logistic regression on frozen embeddings of the training split; weight decay "
-               "chosen on a held-out part of it.", "",
-               _md_table(["shots per class", "top-1", "std"],
-                         [[s, f"{100 * v['top1']:.1f}", f"{100 * v['std']:.1f}"]
-                          for s, v in lp.items()]), ""]
+        md += [
+            "## Few-shot linear probe",
+            "",
+            "Logistic regression on frozen embeddings of the training split; weight decay "
+            "chosen on a held-out part of it.",
+            "",
+            _md_table(
+                ["shots per class", "top-1", "std"],
+                [[s, f"{100 * v['top1']:.1f}", f"{100 * v['std']:.1f}"] for s, v in lp.items()],
+            ),
+            "",
+        ]
 
     curves = read_training_curves(run_dir)
     if curves:
         plots["training_curves"] = plot_training_curves(curves, out / "training_curves.png")
         steps, values = curves["train/loss"]
-        metrics["training"] = {"steps": steps[-1], "first_loss": values[0],
-                               "last_loss": values[-1]}
-        md += ["## Training", "", f"Loss {values[0]:.3f} -> {values[-1]:.3f} over "
-               f"{steps[-1]} steps.", "", "![training curves](training_curves.png)", ""]
+        metrics["training"] = {"steps": steps[-1], "first_loss": values[0], "last_loss": values[-1]}
+        md += [
+            "## Training",
+            "",
+            f"Loss {values[0]:.3f} -> {values[-1]:.3f} over {steps[-1]} steps.",
+            "",
+            "![training curves](training_curves.png)",
+            "",
+        ]
     else:
-        md += ["## Training", "", "No TensorBoard `train/loss` in the run's logs "
-               "(trained with tracker=null).", ""]
+        md += [
+            "## Training",
+            "",
+            "No TensorBoard `train/loss` in the run's logs (trained with tracker=null).",
+            "",
+        ]
 
     metrics["plots"] = {k2: p.name for k2, p in plots.items()}
     write_json(out / "metrics.json", metrics)

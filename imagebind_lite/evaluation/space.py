@@ -87,8 +87,11 @@ def expand_paths(inputs: Sequence[str | Path], modality: str | None = None) -> l
         path = Path(item)
         if path.is_dir():
             exts = wanted.get(modality) if modality else IMAGE_EXTS | AUDIO_EXTS | TEXT_EXTS
-            out += sorted(p for p in path.rglob("*")
-                          if p.is_file() and (exts is None or p.suffix.lower() in exts))
+            out += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and (exts is None or p.suffix.lower() in exts)
+            )
         elif path.is_file():
             out.append(path)
         else:
@@ -155,8 +158,11 @@ def embed_stream(
     when ``skip_bad``; otherwise their error propagates.
     """
     loader = DataLoader(
-        _Loading(num_items, load, skip_bad), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate,
+        _Loading(num_items, load, skip_bad),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
     )
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoders}
     gathered: dict[str, list] = {k: [] for k in extras}
@@ -191,8 +197,11 @@ def save_embeddings(path: str | Path, embeddings: torch.Tensor, items: Sequence,
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"format": EMBEDDINGS_FORMAT, **meta, "count": len(items), "items": list(items)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"embeddings": embeddings.float().contiguous()}, str(tmp),
-              metadata={"format": EMBEDDINGS_FORMAT, "fingerprint": str(meta.get("fingerprint"))})
+    save_file(
+        {"embeddings": embeddings.float().contiguous()},
+        str(tmp),
+        metadata={"format": EMBEDDINGS_FORMAT, "fingerprint": str(meta.get("fingerprint"))},
+    )
     sidecar(path).write_text(json.dumps(info, indent=1))
     tmp.replace(path)  # the tensor file last: a complete pair or an absent tensor file
     return path
@@ -228,8 +237,12 @@ def cached(path: str | Path | None, items: Sequence, fingerprint: str, compute, 
             return emb, saved_items, True
     emb, kept = compute()
     if path is not None:
-        save_embeddings(path, emb, [str(x) for x in kept],
-                        {**(meta or {}), "fingerprint": fingerprint, "requested": requested})
+        save_embeddings(
+            path,
+            emb,
+            [str(x) for x in kept],
+            {**(meta or {}), "fingerprint": fingerprint, "requested": requested},
+        )
     return emb, [str(x) for x in kept], False
 
 
@@ -238,7 +251,9 @@ def tensor_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> st
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     digest.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
@@ -249,8 +264,13 @@ def tensor_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> st
 class Space:
     """The anchor plus trained encoders, keyed by modality."""
 
-    def __init__(self, anchor, encoders: dict | None = None, configs: dict | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        anchor,
+        encoders: dict | None = None,
+        configs: dict | None = None,
+        device: str | torch.device = "cpu",
+    ):
         self.anchor = anchor
         self.encoders = dict(encoders or {})
         self.configs = dict(configs or {})
@@ -262,8 +282,9 @@ class Space:
         self._fingerprints: dict[str, str] = {}
 
     @classmethod
-    def from_runs(cls, runs: Sequence[str | Path] = (), device: str | torch.device = "cpu",
-                  anchor=None) -> Space:
+    def from_runs(
+        cls, runs: Sequence[str | Path] = (), device: str | torch.device = "cpu", anchor=None
+    ) -> Space:
         """Load each run's encoder; every run must share one anchor (or the space differs)."""
         from ..checkpoint import load_run
 
@@ -348,8 +369,15 @@ class Space:
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         return F.normalize(self.anchor.encode_text(list(texts), batch_size).float(), dim=-1).cpu()
 
-    def embed_files(self, paths: Sequence[str | Path], modality: str, batch_size: int = 32,
-                    num_workers: int = 0, progress: bool = False, skip_bad: bool = True):
+    def embed_files(
+        self,
+        paths: Sequence[str | Path],
+        modality: str,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: bool = False,
+        skip_bad: bool = True,
+    ):
         """-> (embeddings [M, D], the M paths embedded, {path: error} of those skipped)."""
         paths = [Path(p) for p in paths]
         if modality == "text":
@@ -357,9 +385,15 @@ class Space:
             return self.embed_texts(texts), paths, {}
         encode = self.encoder_fn(modality)
         out = embed_stream(
-            {modality: encode}, len(paths),
+            {modality: encode},
+            len(paths),
             lambda i: {modality: self.load_file(paths[i], modality)},
-            batch_size, num_workers, progress, f"embed {modality}", skip_bad, self.device,
+            batch_size,
+            num_workers,
+            progress,
+            f"embed {modality}",
+            skip_bad,
+            self.device,
         )
         errors = {str(paths[i]): e for i, e in out.errors.items()}
         return out.embeddings[modality], [paths[i] for i in out.kept.tolist()], errors
@@ -398,8 +432,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1))
 
 
-def search(query: torch.Tensor, collection: torch.Tensor, items: Sequence, k: int = 5,
-           chunk: int = 16384) -> list[tuple[str, float]]:
+def search(
+    query: torch.Tensor, collection: torch.Tensor, items: Sequence, k: int = 5, chunk: int = 16384
+) -> list[tuple[str, float]]:
     """Top-k items of the collection for one query (cosine), best first."""
     scores, indices = chunked_topk(query.view(1, -1), collection, k, gallery_chunk=chunk)
     return [(str(items[int(i)]), float(s)) for s, i in zip(scores[0], indices[0])]

@@ -54,9 +54,11 @@ def register_modality(spec: ModalitySpec, overwrite: bool = False) -> ModalitySp
     if existing is not None and not overwrite:
         # The same file imported twice (a test module, then a saved model's copy of it)
         # registers the same modality again: accept it; a different one is a clash.
-        same_origin = getattr(existing.build_stem, "__qualname__", None) == getattr(
-            spec.build_stem, "__qualname__", None
-        ) and existing.sizes == spec.sizes
+        same_origin = (
+            getattr(existing.build_stem, "__qualname__", None)
+            == getattr(spec.build_stem, "__qualname__", None)
+            and existing.sizes == spec.sizes
+        )
         if not same_origin:
             raise ValueError(f"modality {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec

@@ -202,8 +202,9 @@ def _stretch(x: torch.Tensor, steps: int) -> torch.Tensor:
     return F.interpolate(x[None], size=steps, mode="linear", align_corners=True)[0]
 
 
-def normalize(x: torch.Tensor, mode: str = "none", mean=None, std=None,
-              where: str = "") -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mode: str = "none", mean=None, std=None, where: str = ""
+) -> torch.Tensor:
     if mode == "none":
         return x
     if mode == "channel":
@@ -220,9 +221,18 @@ def normalize(x: torch.Tensor, mode: str = "none", mean=None, std=None,
     raise IMUReadError(f"{where}normalize: expected one of {', '.join(NORMALIZE)}, got {mode!r}")
 
 
-def to_window(x: torch.Tensor, length: int = 2000, sample_rate: float = 200,
-              input_rate: float | None = None, fit: str = "crop", pad: str = "zero",
-              normalize_mode: str = "none", mean=None, std=None, where: str = "") -> torch.Tensor:
+def to_window(
+    x: torch.Tensor,
+    length: int = 2000,
+    sample_rate: float = 200,
+    input_rate: float | None = None,
+    fit: str = "crop",
+    pad: str = "zero",
+    normalize_mode: str = "none",
+    mean=None,
+    std=None,
+    where: str = "",
+) -> torch.Tensor:
     """A recording [C, T] -> the encoder's window [C, length]."""
     if fit not in FITS:
         raise IMUReadError(f"{where}fit: expected one of {', '.join(FITS)}, got {fit!r}")
@@ -243,12 +253,25 @@ def to_window(x: torch.Tensor, length: int = 2000, sample_rate: float = 200,
     return x.contiguous()
 
 
-def load(path, channels=6, length=2000, sample_rate=200, input_rate=None, fit="crop",
-         pad="zero", normalize="none", mean=None, std=None, columns=None, **_) -> torch.Tensor:
+def load(
+    path,
+    channels=6,
+    length=2000,
+    sample_rate=200,
+    input_rate=None,
+    fit="crop",
+    pad="zero",
+    normalize="none",
+    mean=None,
+    std=None,
+    columns=None,
+    **_,
+) -> torch.Tensor:
     """``ModalitySpec.load``: a file -> [channels, length] with the preprocessing options."""
     x = read_imu(path, channels, columns)
-    return to_window(x, length, sample_rate, input_rate, fit, pad, normalize, mean, std,
-                     where=f"{path}: ")
+    return to_window(
+        x, length, sample_rate, input_rate, fit, pad, normalize, mean, std, where=f"{path}: "
+    )
 
 
 # ------------------------------------------------------------------------------ augmentation
@@ -268,8 +291,15 @@ def time_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     return out
 
 
-def augment(x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
-            scale: float = 0.1, jitter: float = 0.02, max_shift: int = 100, **_) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    train: bool,
+    generator: torch.Generator | None = None,
+    scale: float = 0.1,
+    jitter: float = 0.02,
+    max_shift: int = 100,
+    **_,
+) -> torch.Tensor:
     """``ModalitySpec.augment``: random per-channel scaling, jitter and time shift (training)."""
     if not train:
         return x
