@@ -9,9 +9,13 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["imagebind_lite", "imagebind_lite.*"]),
+    # The top-level configs/ folder ships inside the package as imagebind_lite.configs, so the
+    # scripts find their configs the same way in a checkout and after a plain install.
+    packages=find_packages(include=["imagebind_lite", "imagebind_lite.*"])
+    + ["imagebind_lite.configs"],
+    package_dir={"imagebind_lite.configs": "configs"},
     include_package_data=True,
-    package_data={"imagebind_lite": ["assets/**/*", "configs/*.json"]},
+    package_data={"imagebind_lite": ["assets/**/*"], "imagebind_lite.configs": ["*.yaml"]},
     install_requires=[
         # Upper bound: never let a resolver pull a newer (multi-GB CUDA) torch.
         "torch>=2.1,<=2.14.1",

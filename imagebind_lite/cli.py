@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+def shipped_config(name: str) -> Path:
+    """A config shipped with the package (``audio.yaml`` or ``audio``): the top-level
+    ``configs/`` of the source tree, installed as ``imagebind_lite.configs``."""
+    file = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    try:
+        folder = importlib.resources.files("imagebind_lite.configs")
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "the shipped configs are not installed: install the package (pip install -e .)"
+        ) from None
+    path = Path(str(folder / file))
+    if not path.is_file():
+        known = sorted(p.name for p in Path(str(folder)).glob("*.yaml"))
+        raise ConfigError(f"no shipped config {file!r}; shipped: {', '.join(known)}")
+    return path
 
 
-def default_config_path(name: str | None) -> Path | None:
-    """``configs/NAME`` next to the package (a source checkout), else the built-in defaults."""
-    if name is None:
-        return None
-    path = REPO_CONFIGS / name
-    return path if path.is_file() else None
+def resolve_config_arg(value: str | None, default: str | None) -> Path | None:
+    """``--config``: a YAML file, else the name of a shipped config; without it, the script's
+    own shipped config (None: the dataclass defaults)."""
+    if value is None:
+        return shipped_config(default) if default else None
+    path = Path(value)
+    if path.is_file() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path  # load_config names a missing file in one line
+    return shipped_config(value)
 
 
 def train_main(default_config: str | None, argv: list[str] | None = None) -> dict:
@@ -43,9 +62,8 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
         # ``--resume field=value``: argparse took an override for the optional RUN_DIR.
         args.overrides.insert(0, args.resume)
         args.resume = True
-    config_path = args.config or default_config_path(default_config)
     try:
-        cfg = load_config(config_path, args.overrides)
+        cfg = load_config(resolve_config_arg(args.config, default_config), args.overrides)
         from .train import train
 
         metrics = train(cfg, resume=args.resume)
