@@ -172,11 +172,9 @@ def test_bf16_autocast_through_accelerate_trains(fresh_accelerate_state):
     assert abs(losses["bf16"] - losses["no"]) < 5e-2 * losses["no"]
 
 
-@pytest.mark.skipif(
-    not os.environ.get("IMAGEBIND_LITE_SLOW_TESTS"),
-    reason="a cold torch.compile (inductor) of a tiny encoder takes about a minute on 2 CPU cores; "
-    "set IMAGEBIND_LITE_SLOW_TESTS=1 (bench/encoder.py --compile measures it too)",
-)
+# A cold torch.compile (inductor) of a tiny encoder takes about a minute on 2 CPU cores
+# (bench/encoder.py --compile measures it too).
+@pytest.mark.slow
 def test_compiled_encoder_matches_eager():
     x = torch.randn(4, 1, 16, 16)
     eager = tiny_encoder()

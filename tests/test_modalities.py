@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import FSDD
 
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.config import AnchorConfig
@@ -72,14 +73,14 @@ def test_anchor_is_frozen_and_stays_in_eval():
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
 
 
-def test_conv_stem_size_and_utterance_norm(shared_data):
+def test_conv_stem_size_and_utterance_norm():
     from imagebind_lite.data import avmnist
 
     opts = dict(num_clips=1, clip_duration=1.12, num_mel_bins=64, target_length=112)
     enc = build_encoder("audio", 64, "tiny-conv", preprocess=opts)
     assert enc.stem.grid == (8, 14)  # three stride-2 convolutions on 64 x 112
     assert enc(torch.randn(2, 1, 1, 64, 112)).shape == (2, 64)
-    path = shared_data / "fsdd" / "recordings" / "3_theo_0.wav"
+    path = FSDD / "3_theo_0.flac"
     plain = get_modality("audio").load(path, **opts)
     normed = get_modality("audio").load(path, **opts, utterance_norm=True)
     frames = avmnist.valid_frames(path, {**get_modality("audio").preprocess, **opts})
