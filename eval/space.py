@@ -76,21 +76,31 @@ def query_embedding(space: Space, args):
     return combine([q, *plus], minus) if plus or minus else q
 
 
+def add_common(parser, suffix: str = "") -> None:
+    """--checkpoint and --device, before the command or after it (both forms are documented)."""
+    parser.add_argument(
+        "--checkpoint",
+        dest="checkpoint" + suffix,
+        action="append",
+        default=[],
+        help="a run folder (its anchor, and its encoder); repeatable",
+    )
+    parser.add_argument("--device", dest="device" + suffix, default=None)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        help="a run folder (its anchor, and its encoder); repeatable",
-    )
-    parser.add_argument("--device", default="cpu")
+    add_common(parser)
+    common = argparse.ArgumentParser(add_help=False)
+    add_common(common, "_after")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("embed", help="files of one modality -> an embeddings file")
+    p = sub.add_parser(
+        "embed", parents=[common], help="files of one modality -> an embeddings file"
+    )
     p.add_argument("inputs", nargs="*", help="files or folders")
     p.add_argument("--text", action="append", help="a text to embed (repeatable)")
     p.add_argument("--modality", help="vision, audio, depth, thermal, ... (default: extension)")
@@ -100,19 +110,21 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("search", help="top-k of a collection for a query")
+    p = sub.add_parser("search", parents=[common], help="top-k of a collection for a query")
     p.add_argument("--collection", required=True, help="an embeddings file from `embed`")
     p.add_argument("--query", required=True, help="FILE, MODALITY:FILE or text:WORDS")
     p.add_argument("--query-modality", help="read the query file as this modality")
     p.add_argument("--plus", action="append", help="add this input's embedding (arithmetic)")
     p.add_argument("--minus", action="append", help="subtract this input's embedding")
     p.add_argument("-k", type=int, default=5)
-    p = sub.add_parser("compare", help="cosine similarity of two inputs")
+    p = sub.add_parser("compare", parents=[common], help="cosine similarity of two inputs")
     p.add_argument("a")
     p.add_argument("b")
     args = parser.parse_args(argv)
+    checkpoints = args.checkpoint + args.checkpoint_after
+    device = args.device_after or args.device or "cpu"
     try:
-        space = Space.from_runs(args.checkpoint, args.device)
+        space = Space.from_runs(checkpoints, device)
         if args.command == "embed":
             return embed(space, args)
         if args.command == "search":

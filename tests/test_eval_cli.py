@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 from test_protocols import make_clotho, make_esc50
@@ -342,6 +343,24 @@ def test_space_embed_search_arithmetic_compare(run, tmp_path, capsys):
     clips = tmp_path / "clips.safetensors"
     space_cli.main(["--checkpoint", run, "embed", "--out", str(clips), str(clip), "--no-progress"])
     assert load_embeddings(clips)[2]["modality"] == "audio"
+    # README's form: the options after the command give the same collection and hits.
+    after = tmp_path / "after.safetensors"
+    space_cli.main(["embed", "--checkpoint", run, str(clip), "--out", str(after), "--no-progress"])
+    assert torch.equal(load_embeddings(after)[0], load_embeddings(clips)[0])
+    hits_after = space_cli.main(
+        [
+            "search",
+            "--checkpoint",
+            run,
+            "--query",
+            query,
+            "--collection",
+            str(collection),
+            "-k",
+            "3",
+        ]
+    )
+    assert hits_after == hits
     with pytest.raises(SystemExit, match="no depth encoder"):
         space_cli.main(["--checkpoint", run, "compare", f"depth:{items[0]}", items[0]])
     # The script runs as a script too.
