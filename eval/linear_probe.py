@@ -10,11 +10,11 @@ decay is chosen on a validation part of the training data; k-shot runs average -
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from imagebind_lite.cli import one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.linear_probe import (
     DEFAULT_GRID,
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     shots = [None if s.strip() == "all" else int(s) for s in args.shots.split(",")]
     grid = [float(g) for g in args.grid.split(",")]
     probe_args = dict(shots=shots, seeds=args.seeds, grid=grid)
-    try:
+    with one_line_errors():
         space = Space.from_runs([args.checkpoint], args.device)
         if args.dataset:
             if not args.root:
@@ -131,8 +131,6 @@ def main(argv=None) -> dict:
                 **probe_args,
             )
             name = "run"
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"error: {err}")
     print(format_linear_probe(results, f"{name}: few-shot linear probe (top-1 %)"))
     out = Path(args.out or Path(args.checkpoint) / "eval" / f"linear_probe_{name}.json")
     write_json(out, {"checkpoint": args.checkpoint, "dataset": name, "results": results})

@@ -10,9 +10,9 @@ different meaning stay apart (cosine below --threshold).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from imagebind_lite.cli import one_line_errors
 from imagebind_lite.evaluation.probes import as_dicts, format_probe_table, run_probes
 from imagebind_lite.evaluation.protocols import run_collections
 from imagebind_lite.evaluation.report import run_normalisation, write_json
@@ -39,7 +39,7 @@ def main(argv=None) -> list:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         space = Space.from_runs(args.checkpoint, args.device)
         run = args.checkpoint[0]
         colls, info = run_collections(space, run, None, args.batch_size, not args.no_progress)
@@ -47,8 +47,6 @@ def main(argv=None) -> list:
         for modality, folder in space.runs.items():
             normalisation.update(run_normalisation(folder, space, modality))
         results = run_probes(space, colls, info, normalisation, args.scenes, args.threshold)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"error: {err}")
     print(format_probe_table(results))
     out = Path(args.out) if args.out else Path(run) / "eval" / "probes.json"
     write_json(out, {"checkpoints": args.checkpoint, "probes": as_dicts(results)})

@@ -8,8 +8,8 @@ top-k lists, the geometry of the space, the limitation-probe table and the train
 """
 
 import argparse
-import sys
 
+from imagebind_lite.cli import one_line_errors
 from imagebind_lite.evaluation.report import build_report
 from imagebind_lite.evaluation.space import Space
 
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     shots = [None if s == "all" else int(s) for s in args.shots.split(",")]
-    try:
+    with one_line_errors():
         space = Space.from_runs([args.checkpoint], args.device)
         metrics = build_report(
             space,
@@ -48,8 +48,6 @@ def main(argv=None) -> dict:
             args.templates,
             shots,
         )
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"error: {err}")
     zs = metrics.get("zero_shot")
     if zs:
         print(f"zero-shot top-1 {100 * zs['top1']:.1f}%, top-5 {100 * zs['top5']:.1f}%")

@@ -12,9 +12,9 @@ no encoder was trained on. Directions default to every pair the data allow.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from imagebind_lite.cli import one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import (
     cross_modal_retrieval,
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     progress = not args.no_progress
     ks = [int(k) for k in args.ks.split(",")]
-    try:
+    with one_line_errors():
         space = Space.from_runs(args.checkpoint, args.device)
         if args.dataset or args.manifest:
             if args.manifest:
@@ -116,8 +116,6 @@ def main(argv=None) -> dict:
         results = cross_modal_retrieval(
             collections, parse_directions(args.directions), ks, progress
         )
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"error: {err}")
     print(format_retrieval(results, ks))
     out = Path(args.out or Path(args.checkpoint[0]) / "eval" / f"retrieval_{name}.json")
     write_json(out, {"checkpoints": args.checkpoint, "dataset": name, "retrieval": results})

@@ -17,6 +17,7 @@ the run's anchor; other modalities through the encoder of a --checkpoint trained
 import argparse
 import sys
 
+from imagebind_lite.cli import one_line_errors
 from imagebind_lite.evaluation.space import (
     Space,
     SpaceError,
@@ -123,7 +124,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     checkpoints = args.checkpoint + args.checkpoint_after
     device = args.device_after or args.device or "cpu"
-    try:
+    with one_line_errors():
         space = Space.from_runs(checkpoints, device)
         if args.command == "embed":
             return embed(space, args)
@@ -140,8 +141,6 @@ def main(argv=None):
         value = cosine(a, b)
         print(f"cosine({ma}, {mb}) = {value:+.4f}")
         return value
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

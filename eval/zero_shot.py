@@ -9,9 +9,9 @@ Prints a table beside the published numbers and writes JSON (default RUN/eval/ze
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from imagebind_lite.cli import one_line_errors
 from imagebind_lite.evaluation.protocols import (
     PROTOCOLS,
     evaluate_protocol,
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     if args.dataset and not args.root:
         parser.error("--dataset needs --root DIR")
     progress = not args.no_progress
-    try:
+    with one_line_errors():
         space = Space.from_runs([args.checkpoint], args.device)
         if args.dataset:
             result = evaluate_protocol(
@@ -85,8 +85,6 @@ def main(argv=None) -> dict:
             )
         else:
             result = evaluate_run(space, args.checkpoint, args.templates, args.batch_size, progress)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"error: {err}")
     print(format_table(result))
     run = Path(args.checkpoint)
     out = Path(args.out) if args.out else run / "eval" / f"zero_shot_{args.dataset or 'run'}.json"

@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import ConfigError, load_config
+
+# What bad input raises (a missing file or folder, an unknown name, a malformed manifest, a
+# missing split, an empty dataset): each carries a one-line message naming the thing.
+EXPECTED_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn an expected failure into one line on stderr and exit status 1, not a traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        sys.exit(f"config error: {one_line(err)}")
+    except EXPECTED_ERRORS as err:
+        sys.exit(f"error: {one_line(err)}")
+
+
+def run_script(main: Callable, ok: Callable = lambda result: True) -> None:
+    """A script's ``__main__``: run ``main()`` under :func:`one_line_errors`; exit 1 unless
+    ``ok(result)`` (e.g. nothing was written)."""
+    with one_line_errors():
+        result = main()
+    sys.exit(0 if ok(result) else 1)
 
 
 def shipped_config(name: str) -> Path:
@@ -62,13 +92,11 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
         # ``--resume field=value``: argparse took an override for the optional RUN_DIR.
         args.overrides.insert(0, args.resume)
         args.resume = True
-    try:
+    with one_line_errors():
         cfg = load_config(resolve_config_arg(args.config, default_config), args.overrides)
         from .train import train
 
         metrics = train(cfg, resume=args.resume)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
     if metrics:
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         print(json.dumps(shown, indent=2))

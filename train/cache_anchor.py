@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.cache import DTYPES, write_anchor_cache
+from imagebind_lite.cli import one_line_errors, resolve_config_arg, run_script
 from imagebind_lite.config import ConfigError, config_to_dict, load_config
 from imagebind_lite.data.datasets import get_dataset_builder
 from imagebind_lite.modalities import get_modality
@@ -54,8 +55,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:
-        cfg = load_config(args.config, args.overrides)
+    with one_line_errors():
+        cfg = load_config(resolve_config_arg(args.config, None), args.overrides)
         from imagebind_lite.train import validate_config
 
         validate_config(cfg)
@@ -92,8 +93,6 @@ def main(argv=None) -> dict:
             overwrite=args.overwrite,
             progress=True,
         )
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
     report["seconds"] = time.perf_counter() - start
     report["world_size"] = accelerator.num_processes
     # Each process reports its own shards; the main one prints the summary last.
@@ -122,4 +121,4 @@ def _gather(accelerator, report: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

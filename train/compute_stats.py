@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from imagebind_lite.cli import run_script
 from imagebind_lite.data.manifest import compute_sensor_stats, load_records, parse_key_values
 from imagebind_lite.data.transforms import STATS_FILE, write_stats
 
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    run_script(main, bool)

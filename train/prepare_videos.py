@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from imagebind_lite.cli import run_script
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv")
 
@@ -165,4 +166,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["pairs"] else 1)
+    run_script(main, lambda result: result["pairs"])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from imagebind_lite.cli import run_script
 from imagebind_lite.data.manifest import load_records, parse_key_values
 from imagebind_lite.data.shards import write_shards
 
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["num_samples"] else 1)
+    run_script(main, lambda index: index["num_samples"])
