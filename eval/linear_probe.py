@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from imagebind_lite.cli import one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.linear_probe import (
     DEFAULT_GRID,
@@ -83,13 +83,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     shots = [None if s.strip() == "all" else int(s) for s in args.shots.split(",")]
     grid = [float(g) for g in args.grid.split(",")]
     probe_args = dict(shots=shots, seeds=args.seeds, grid=grid)
     with one_line_errors():
-        space = Space.from_runs([args.checkpoint], args.device)
+        space = Space.from_runs([args.checkpoint], args.device, trust_code=args.trust_code)
         if args.dataset:
             if not args.root:
                 parser.error("--dataset needs --root DIR")

@@ -12,7 +12,7 @@ different meaning stay apart (cosine below --threshold).
 import argparse
 from pathlib import Path
 
-from imagebind_lite.cli import one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.evaluation.probes import as_dicts, format_probe_table, run_probes
 from imagebind_lite.evaluation.protocols import run_collections
 from imagebind_lite.evaluation.report import run_normalisation, write_json
@@ -37,10 +37,11 @@ def main(argv=None) -> list:
     parser.add_argument("--out", help="JSON output (default FIRST_RUN/eval/probes.json)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     with one_line_errors():
-        space = Space.from_runs(args.checkpoint, args.device)
+        space = Space.from_runs(args.checkpoint, args.device, trust_code=args.trust_code)
         run = args.checkpoint[0]
         colls, info = run_collections(space, run, None, args.batch_size, not args.no_progress)
         normalisation = {}

@@ -9,7 +9,7 @@ top-k lists, the geometry of the space, the limitation-probe table and the train
 
 import argparse
 
-from imagebind_lite.cli import one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.evaluation.report import build_report
 from imagebind_lite.evaluation.space import Space
 
@@ -30,11 +30,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--shots", default="1,5,10,all")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     shots = [None if s == "all" else int(s) for s in args.shots.split(",")]
     with one_line_errors():
-        space = Space.from_runs([args.checkpoint], args.device)
+        space = Space.from_runs([args.checkpoint], args.device, trust_code=args.trust_code)
         metrics = build_report(
             space,
             args.checkpoint,

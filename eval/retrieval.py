@@ -14,7 +14,7 @@ no encoder was trained on. Directions default to every pair the data allow.
 import argparse
 from pathlib import Path
 
-from imagebind_lite.cli import one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import (
     cross_modal_retrieval,
@@ -75,12 +75,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     progress = not args.no_progress
     ks = [int(k) for k in args.ks.split(",")]
     with one_line_errors():
-        space = Space.from_runs(args.checkpoint, args.device)
+        space = Space.from_runs(args.checkpoint, args.device, trust_code=args.trust_code)
         if args.dataset or args.manifest:
             if args.manifest:
                 from imagebind_lite.data.manifest import read_manifest

@@ -17,7 +17,7 @@ the run's anchor; other modalities through the encoder of a --checkpoint trained
 import argparse
 import sys
 
-from imagebind_lite.cli import one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.evaluation.space import (
     Space,
     SpaceError,
@@ -87,6 +87,9 @@ def add_common(parser, suffix: str = "") -> None:
         help="a run folder (its anchor, and its encoder); repeatable",
     )
     parser.add_argument("--device", dest="device" + suffix, default=None)
+    parser.add_argument(
+        "--trust-code", dest="trust_code" + suffix, action="store_true", help=TRUST_CODE_HELP
+    )
 
 
 def main(argv=None):
@@ -125,7 +128,9 @@ def main(argv=None):
     checkpoints = args.checkpoint + args.checkpoint_after
     device = args.device_after or args.device or "cpu"
     with one_line_errors():
-        space = Space.from_runs(checkpoints, device)
+        space = Space.from_runs(
+            checkpoints, device, trust_code=args.trust_code or args.trust_code_after
+        )
         if args.command == "embed":
             return embed(space, args)
         if args.command == "search":

@@ -11,7 +11,7 @@ Prints a table beside the published numbers and writes JSON (default RUN/eval/ze
 import argparse
 from pathlib import Path
 
-from imagebind_lite.cli import one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.evaluation.protocols import (
     PROTOCOLS,
     evaluate_protocol,
@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list the protocols and exit")
     args = parser.parse_args(argv)
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
         parser.error("--dataset needs --root DIR")
     progress = not args.no_progress
     with one_line_errors():
-        space = Space.from_runs([args.checkpoint], args.device)
+        space = Space.from_runs([args.checkpoint], args.device, trust_code=args.trust_code)
         if args.dataset:
             result = evaluate_protocol(
                 args.dataset,

@@ -13,9 +13,9 @@ the generic manifest dataset (columns ``vision`` and ``my_sensor``, paths relati
         data.dataset=manifest data.root=DATA data.options.manifest=train.csv \
         data.options.eval_manifest=test.csv 'data.options.classnames=[walking, running]'
 
-The saved model records this file's path (give an absolute one if you will load the model from
-another folder), so ``imagebind_lite.checkpoint.load_run(RUN)`` re-imports it to rebuild the
-encoder.
+The saved model carries a copy of this file (``model/modality.py``), which
+``imagebind_lite.checkpoint.load_run(RUN, trust_code=True)`` imports to rebuild the encoder (a
+model folder's code never runs without ``trust_code``).
 
 The parts: (1) preprocessing defaults, (2) the file reader, (3) augmentation, (4) the stem,
 (5) the sizes and ``register_modality``, (6) optionally, a dataset (``register_dataset``). The

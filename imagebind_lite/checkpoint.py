@@ -1,7 +1,9 @@
 """Portable models and atomic checkpoints.
 
 A trained model is one folder: ``config.json`` (modality, size, preprocessing, temperature,
-the anchor reference) and ``model.safetensors``; ``load_model`` rebuilds it with no pickle.
+the anchor reference) and ``model.safetensors``; ``load_model`` rebuilds it with no pickle and
+runs no code from the folder unless the caller passes ``trust_code=True`` (a model of a user's
+own modality carries its ``modality.py``).
 Every write goes to a temporary sibling first and is renamed into place, so a crash mid-write
 never leaves a corrupt folder under the final name.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modalities import build_encoder, import_modality_file
+from .modalities import build_encoder, import_modality_file, list_modalities
 
 MODEL_FORMAT = "imagebind_lite.encoder/1"
 
@@ -63,8 +65,31 @@ def save_model(encoder: torch.nn.Module, model_config: dict, folder: str | Path)
     return Path(folder)
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a saved encoder from its folder. Returns ``(encoder, config_dict)``."""
+def ensure_modality(
+    name: str, modality_file: str | None, folder: Path, trust_code: bool = False
+) -> None:
+    """Make ``name`` a registered modality. A built-in one, or one the caller has already
+    imported, needs nothing; otherwise its ``modality_file`` (a file in ``folder`` or a module
+    name) is code, and it runs only with ``trust_code=True``, as transformers'
+    ``trust_remote_code``."""
+    if name in list_modalities():
+        return
+    if not modality_file:
+        raise ValueError(f"{folder}: unknown modality {name!r} and no modality file names it")
+    source = str(modality_file)
+    if source.endswith(".py") and not Path(source).is_absolute():
+        source = str(folder / source)
+    if not trust_code:
+        raise ValueError(
+            f"{folder}: modality {name!r} is defined by code ({source}); it is not run unless "
+            "you trust it: pass trust_code=True (--trust-code), or import the modality first"
+        )
+    import_modality_file(source)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", trust_code: bool = False):
+    """Rebuild a saved encoder from its folder. Returns ``(encoder, config_dict)``. Code in the
+    folder (``modality.py``) runs only with ``trust_code=True`` (:func:`ensure_modality`)."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     for path in (config_path, weights_path):
@@ -73,11 +98,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     config = json.loads(config_path.read_text())
     if config.get("format") != MODEL_FORMAT:
         raise ValueError(f"{config_path}: unknown model format {config.get('format')!r}")
-    if config.get("modality_file"):
-        source = config["modality_file"]
-        if source.endswith(".py") and not Path(source).is_absolute():
-            source = str(folder / source)
-        import_modality_file(source)
+    ensure_modality(config["modality"], config.get("modality_file"), folder, trust_code)
     encoder = build_encoder(
         config["modality"],
         embed_dim=config["embed_dim"],
@@ -107,7 +128,7 @@ def load_torch_state(path: str | Path) -> dict:
         ) from None
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu"):
+def load_run(path: str | Path, device: str | torch.device = "cpu", trust_code: bool = False):
     """A run folder (``runs/NAME``) or a model folder -> ``(encoder, anchor, config_dict)``.
 
     The anchor is rebuilt from the reference saved with the model and checked against its
@@ -118,7 +139,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
 
     path = Path(path)
     folder = path / "model" if (path / "model" / "config.json").is_file() else path
-    encoder, config = load_model(folder, device)
+    encoder, config = load_model(folder, device, trust_code)
     anchor_ref = config["anchor"]
     anchor = Anchor(AnchorConfig(**anchor_ref["config"]), device=device)
     recorded, actual = anchor_ref.get("sha256"), anchor.identity().get("sha256")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 
+TRUST_CODE_HELP = "run a run folder's own modality code (modality.py); only for runs you trust"
+
 # What bad input raises (a missing file or folder, an unknown name, a malformed manifest, a
 # missing split, an empty dataset): each carries a one-line message naming the thing.
 EXPECTED_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError)

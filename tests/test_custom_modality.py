@@ -9,17 +9,19 @@ rebuilds the saved model from this file with ``load_run``. The last tests run
 
 import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from imagebind_lite import modalities
-from imagebind_lite.checkpoint import load_run
+from imagebind_lite.checkpoint import MODEL_FORMAT, load_model, load_run
 from imagebind_lite.config import load_config
 from imagebind_lite.data import avmnist
 from imagebind_lite.data.datasets import DatasetBundle, EpochRandom, register_dataset
@@ -148,9 +150,13 @@ def test_a_modality_registered_in_this_file_trains_and_reloads(tmp_path, monkeyp
     # The encoder never saw text, yet names the digit of a signal through the anchor.
     assert metrics["zero_shot_top1"] > 0.3, metrics  # chance: 0.1
 
-    # A fresh process knows nothing of "vibration": load_run imports it from modality_file.
+    # A fresh process knows nothing of "vibration": the folder's code is refused unless
+    # trusted, then load_run imports it from modality_file.
     monkeypatch.delitem(modalities._REGISTRY, NAME)
-    encoder, anchor, config = load_run(run)
+    with pytest.raises(ValueError, match="pass trust_code=True"):
+        load_run(run)
+    assert NAME not in modalities.list_modalities()
+    encoder, anchor, config = load_run(run, trust_code=True)
     # The model folder carries its own copy of the modality file, so it loads anywhere.
     assert config["modality_file"] == "modality.py" and NAME in modalities.list_modalities()
     assert (run / "model" / "modality.py").read_text() == Path(THIS_FILE).read_text()
@@ -164,6 +170,25 @@ def test_a_modality_registered_in_this_file_trains_and_reloads(tmp_path, monkeyp
         before = info_nce(untrained(signals), targets, 0.1, gather=False)
         after = info_nce(encoder(signals), targets, 0.1, gather=False)
     assert after < before - 0.5, (float(before), float(after))
+
+
+def test_a_model_folder_with_code_is_refused_and_the_code_never_runs(tmp_path):
+    folder, marker = tmp_path / "downloaded", tmp_path / "pwned.txt"
+    folder.mkdir()
+    (folder / "modality.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = {"format": MODEL_FORMAT, "modality": "evil", "modality_file": "modality.py"}
+    (folder / "config.json").write_text(json.dumps({**config, "embed_dim": 8, "size": "tiny"}))
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+    for load in (load_model, load_run):
+        with pytest.raises(ValueError, match=r"modality 'evil' is defined by code .*modality.py"):
+            load(folder)
+    script = [sys.executable, str(REPO / "eval" / "zero_shot.py"), "--checkpoint", str(folder)]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--trust-code" in proc.stderr.strip().splitlines()[-1]
+    assert not marker.exists()
+    with pytest.raises(KeyError):  # trusted, the code runs (and registers nothing here)
+        load_model(folder, trust_code=True)
+    assert marker.read_text() == "ran"
 
 
 def run_align(monkeypatch, *args):

@@ -675,13 +675,14 @@ def load_run_config(run_dir: str | Path):
 
 
 def run_bundle(run_dir: str | Path, anchor):
-    """The dataset of a saved run, rebuilt from its ``config.yaml`` -> (config, bundle)."""
+    """The dataset of a saved run, rebuilt from its ``config.yaml`` -> (config, bundle). A
+    modality defined by the run's own code must already be loaded (``load_run(trust_code)``)."""
+    from ..checkpoint import ensure_modality
     from ..data.datasets import get_dataset_builder
-    from ..modalities import get_modality, import_modality_file
+    from ..modalities import get_modality
 
     cfg = load_run_config(run_dir)
-    if cfg.modality_file:
-        import_modality_file(cfg.modality_file)
+    ensure_modality(cfg.modality, cfg.modality_file, Path(run_dir))
     bundle = get_dataset_builder(cfg.data.dataset)(cfg, anchor, get_modality(cfg.modality))
     if bundle.eval is None:
         raise ValueError(f"{run_dir}: dataset {cfg.data.dataset} has no evaluation split")

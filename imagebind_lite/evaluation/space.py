@@ -283,14 +283,19 @@ class Space:
 
     @classmethod
     def from_runs(
-        cls, runs: Sequence[str | Path] = (), device: str | torch.device = "cpu", anchor=None
+        cls,
+        runs: Sequence[str | Path] = (),
+        device: str | torch.device = "cpu",
+        anchor=None,
+        trust_code: bool = False,
     ) -> Space:
-        """Load each run's encoder; every run must share one anchor (or the space differs)."""
+        """Load each run's encoder; every run must share one anchor (or the space differs).
+        A run's own modality code runs only with ``trust_code`` (``checkpoint.load_model``)."""
         from ..checkpoint import load_run
 
         encoders, configs, folders = {}, {}, {}
         for run in runs:
-            encoder, run_anchor, config = load_run(run, device)
+            encoder, run_anchor, config = load_run(run, device, trust_code)
             modality = config["modality"]
             if modality in encoders:
                 raise SpaceError(f"two runs give a {modality} encoder: {run}")
