@@ -1,11 +1,19 @@
-"""Symmetric InfoNCE against the frozen anchor, correct across processes.
+"""Contrastive losses against the frozen anchor, correct across processes.
 
-Every process gathers the embeddings of all processes, so the contrastive batch (the pool of
-negatives) is the global batch. The trainable side is gathered WITH gradients and the frozen
-side without. Each process then computes the same global loss; the gradient flowing back into
-its own embeddings is summed over processes by the gather's backward, and the data-parallel
-average of parameter gradients over processes turns that sum back into exactly the gradient of
-the single-process loss on the whole global batch (tests/test_loss.py checks this).
+``info_nce`` (ImageBind's symmetric InfoNCE, fixed temperature) and ``siglip`` (SigLIP's pairwise
+sigmoid loss, learnable temperature and bias). The contrastive batch (the pool of negatives) is
+always the global batch: every process gathers the embeddings of all processes, the trainable
+side WITH gradients and the frozen side without.
+
+InfoNCE, ``local=False``: each process computes the same global loss ([N, N] logits); the
+gradient flowing back into its own embeddings is summed over processes by the gather's backward,
+and the data-parallel average of parameter gradients turns that sum back into exactly the
+gradient of the single-process loss on the whole global batch. ``local=True`` (open_clip's local
+loss): each process scores only its own rows against the global batch ([n, N] logits, memory
+linear in the global batch); the mean of the processes' losses is the global loss and the
+averaged gradients are again exactly its gradients. SigLIP's pairs are independent, so each
+process always scores its own rows against every anchor embedding. tests/test_loss.py checks
+2 processes against 1 for each.
 """
 
 from __future__ import annotations
@@ -59,10 +67,29 @@ def gather_features(
         return trainable, frozen
     if check_sizes:
         _check_equal_batches(trainable)
-    all_trainable = _GatherWithGrad.apply(trainable)
+    return _GatherWithGrad.apply(trainable), gather_frozen(frozen)
+
+
+def gather_frozen(frozen: torch.Tensor) -> torch.Tensor:
+    """All processes' rows of a side that takes no gradient, in rank order."""
+    if not _distributed():
+        return frozen
     parts = [torch.empty_like(frozen) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, frozen.detach().contiguous())
-    return all_trainable, torch.cat(parts)
+    return torch.cat(parts)
+
+
+def _normalised_pair(modality_emb: torch.Tensor, anchor_emb: torch.Tensor):
+    if modality_emb.shape != anchor_emb.shape:
+        raise ValueError(
+            f"embedding shapes differ: modality {list(modality_emb.shape)} vs "
+            f"anchor {list(anchor_emb.shape)}"
+        )
+    return F.normalize(modality_emb.float(), dim=-1), F.normalize(anchor_emb.float(), dim=-1)
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
 
 
 def info_nce(
@@ -70,21 +97,48 @@ def info_nce(
     anchor_emb: torch.Tensor,
     temperature: float,
     gather: bool = True,
+    local: bool = False,
 ) -> torch.Tensor:
     """Symmetric InfoNCE with in-batch negatives and a fixed temperature.
 
     Row i of each side is a positive pair; both inputs are L2-normalised here. The loss is the
-    mean of modality->anchor and anchor->modality cross-entropies over the (global) batch.
+    mean of modality->anchor and anchor->modality cross-entropies over the (global) batch; with
+    ``local`` over this process's rows only (module docstring).
     """
-    if modality_emb.shape != anchor_emb.shape:
-        raise ValueError(
-            f"embedding shapes differ: modality {list(modality_emb.shape)} vs "
-            f"anchor {list(anchor_emb.shape)}"
-        )
-    modality_emb = F.normalize(modality_emb.float(), dim=-1)
-    anchor_emb = F.normalize(anchor_emb.float(), dim=-1)
+    modality_emb, anchor_emb = _normalised_pair(modality_emb, anchor_emb)
+    mine_m, mine_a = modality_emb, anchor_emb
     if gather:
         modality_emb, anchor_emb = gather_features(modality_emb, anchor_emb)
-    logits = modality_emb @ anchor_emb.T / temperature
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    if not local:
+        logits = modality_emb @ anchor_emb.T / temperature
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    n = mine_m.shape[0]
+    first = _rank() * n if gather else 0
+    targets = torch.arange(first, first + n, device=mine_m.device)
+    to_anchor = F.cross_entropy(mine_m @ anchor_emb.T / temperature, targets)
+    to_modality = F.cross_entropy(mine_a @ modality_emb.T / temperature, targets)
+    return (to_anchor + to_modality) / 2
+
+
+def siglip(
+    modality_emb: torch.Tensor,
+    anchor_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    gather: bool = True,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss: every (modality i, anchor j) pair is a binary problem, positive
+    when i == j, with logits ``exp(logit_scale) * cos + logit_bias`` (both learnable). Summed
+    over the global batch's anchors and averaged over this process's rows; the mean over
+    processes is the loss of the global batch."""
+    modality_emb, anchor_emb = _normalised_pair(modality_emb, anchor_emb)
+    n = modality_emb.shape[0]
+    if gather and _distributed():
+        _check_equal_batches(modality_emb)  # the positives' columns assume equal batches
+        anchor_emb = gather_frozen(anchor_emb)
+    logits = modality_emb @ anchor_emb.T * logit_scale.exp() + logit_bias
+    signs = -torch.ones_like(logits)
+    first = _rank() * n if gather else 0
+    signs[torch.arange(n), torch.arange(first, first + n)] = 1.0  # this process's positives
+    return -F.logsigmoid(signs * logits).sum() / n

@@ -1,4 +1,5 @@
-"""InfoNCE: known values on hand-made embeddings, and 2 processes == 1 process."""
+"""InfoNCE and SigLIP: known values on hand-made embeddings, and 2 processes == 1 process (the
+global loss, the local loss and SigLIP)."""
 
 import math
 import os
@@ -8,10 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from imagebind_lite.loss import info_nce
+from imagebind_lite.loss import info_nce, siglip
 
 
 def test_perfect_alignment_known_value():
@@ -47,44 +47,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Problem(torch.nn.Module):
+    """A linear encoder and SigLIP's learnable temperature and bias (its init: 10 and -10)."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.linear = torch.nn.Linear(12, 6)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(6, 12, generator=g))
+            self.linear.bias.copy_(torch.randn(6, generator=g))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, x):
+        return self.linear(x)
+
+
 def _make_problem(batch: int):
     g = torch.Generator().manual_seed(0)
-    model = torch.nn.Linear(12, 6)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(6, 12, generator=g))
-        model.bias.copy_(torch.randn(6, generator=g))
+    model = Problem(g)
     x = torch.randn(batch, 12, generator=g)
     anchor = torch.randn(batch, 6, generator=g)
     return model, x, anchor
 
 
-def _worker(rank, world, port, batch, out):
+LOSSES = {
+    "info_nce": lambda m, emb, a, **kw: info_nce(emb, a, 0.1, **kw),
+    "info_nce_local": lambda m, emb, a, **kw: info_nce(emb, a, 0.1, local=True, **kw),
+    "siglip": lambda m, emb, a, **kw: siglip(emb, a, m.logit_scale, m.logit_bias, **kw),
+}
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank, world, port, batch, kind, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model, x, anchor = _make_problem(batch * world)
-    ddp = DistributedDataParallel(model)
+    # InfoNCE leaves SigLIP's two parameters without gradients.
+    ddp = DistributedDataParallel(model, find_unused_parameters=kind != "siglip")
     part = slice(rank * batch, (rank + 1) * batch)
-    loss = info_nce(ddp(x[part]), anchor[part], 0.1)
+    loss = LOSSES[kind](model, ddp(x[part]), anchor[part])
     loss.backward()
-    out[rank] = (loss.detach(), model.weight.grad.clone(), model.bias.grad.clone())
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)  # the local losses average to the global one
+    out[rank] = (loss.detach(), mean / world, _grads(model))
     dist.destroy_process_group()
 
 
-def test_two_processes_match_one_process_loss_and_gradients():
+@pytest.mark.parametrize("kind", sorted(LOSSES))
+def test_two_processes_match_one_process_loss_and_gradients(kind):
     batch = 5
     model, x, anchor = _make_problem(2 * batch)
-    loss = info_nce(model(x), anchor, 0.1)
+    loss = LOSSES[kind](model, model(x), anchor)
     loss.backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), batch, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), batch, kind, out), nprocs=2, join=True)
     for rank in range(2):
-        d_loss, d_weight, d_bias = out[rank]
-        torch.testing.assert_close(d_loss, loss.detach(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(d_weight, model.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(d_bias, model.bias.grad, rtol=1e-5, atol=1e-6)
-    # Guard against a vacuous pass: a local-only loss would differ.
-    local = info_nce(
-        F.linear(x[:batch], model.weight, model.bias), anchor[:batch], 0.1, gather=False
+        d_loss, d_mean, d_grads = out[rank]
+        if kind == "info_nce":  # every process computes the global loss itself
+            torch.testing.assert_close(d_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(d_mean, loss.detach(), rtol=1e-6, atol=1e-6)
+        assert set(d_grads) == set(_grads(model))
+        for name, grad in _grads(model).items():
+            torch.testing.assert_close(d_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Guard against a vacuous pass: a loss over one process's half alone would differ.
+    half = LOSSES[kind](model, model(x[:batch]), anchor[:batch], gather=False)
+    assert abs(half.item() - loss.item()) > 1e-3
+
+
+def test_siglip_hand_computed_value():
+    m = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    a = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-1.0)
+    cos = torch.tensor([[0.8, 0.0], [0.96, 0.8]])
+    z = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    expected = -torch.log(torch.sigmoid(z * (10 * cos - 1))).sum() / 2
+    assert siglip(m, a, scale, bias).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_local_info_nce_equals_global_on_one_process():
+    m, a = torch.randn(8, 16), torch.randn(8, 16)
+    assert info_nce(m, a, 0.07, local=True).item() == pytest.approx(
+        info_nce(m, a, 0.07).item(), rel=1e-6
     )
-    assert abs(local.item() - loss.item()) > 1e-3
