@@ -1,6 +1,7 @@
 """Layout adapters: a tiny fixture in each dataset's exact layout -> records and class names."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,6 +344,21 @@ def test_nyud(tmp_path, anchor):
     assert len(bundle.train) == 2 and len(bundle.eval) == 1 and bundle.classnames == names
     expected = 0.075 * 518.8579 / 2.5
     assert torch.allclose(bundle.eval[0]["depth"], torch.full((1, 16, 16), expected), rtol=1e-4)
+
+
+def test_a_relative_root_gives_paths_that_resolve_once(tmp_path, monkeypatch):
+    # Documented commands take --root NYUD; the datasets resolve record paths inside the root,
+    # so a relative root must not be applied twice (NYUD/NYUD/...).
+    from imagebind_lite.data.bad_input import resolve_inside
+
+    folder = tmp_path / "NYUD" / "test" / "0001"
+    jpg(folder / "image.jpg")
+    png16(folder / "depth.png")
+    (folder / "scene.txt").write_text("kitchen")
+    monkeypatch.chdir(tmp_path)
+    (record,), _ = read_layout("nyud", "NYUD")
+    assert record.paths["depth"] == tmp_path / "NYUD/test/0001/depth.png"
+    assert resolve_inside(Path("NYUD"), record.paths["depth"]).is_file()
 
 
 def llvip_fixture(root, persons=((100, 50, 140, 150), (300, 60, 330, 160))):

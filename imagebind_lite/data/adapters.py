@@ -1,8 +1,8 @@
 """Adapters: standard dataset layouts -> :class:`Record` lists, and training datasets on top.
 
 ``read_layout(name, root, **opts) -> (records, classnames)``; ``classnames`` is None when the
-layout has no class labels. Record paths are ``root / relative`` (not resolved: the datasets
-refuse any that resolve outside the root). Layouts and their options:
+layout has no class labels. Record paths are ``root / relative`` with ``root`` made absolute
+(not resolved: the datasets refuse any that resolve outside the root). Layouts and their options:
 
 ``esc50``      ``meta/esc50.csv`` (filename, fold, target, category, esc10, src_file, take) and
                ``audio/<filename>``. Labels = ``target``; class names = categories in target
@@ -116,7 +116,9 @@ def read_layout_info(name: str, root, **opts) -> tuple[list[Record], list[str] |
     """Like :func:`read_layout`, plus an info dict (files dropped, split source, ...)."""
     if name not in _LAYOUTS:
         raise KeyError(f"unknown layout {name!r}; known: {', '.join(list_layouts())}")
-    root = Path(root)
+    # Absolute (not resolved): the paths stay valid from any working directory, and a
+    # relative root is not applied twice where the paths are resolved inside it.
+    root = Path(root).absolute()
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: dataset root not found: {root}")
     return _LAYOUTS[name](root, **opts)
