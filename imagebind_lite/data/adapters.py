@@ -38,7 +38,8 @@ layout has no class labels. Record paths are ``root / relative`` with ``root`` m
                (:class:`MissingSplitFile`); ``split=None`` or ``"all"`` reads every frame.
 ``nyud``       ``{split}/{id}/image.png|jpg``, ``{split}/{id}/depth.png`` (uint16 millimetres),
                ``{split}/{id}/scene.txt``, optional ``intrinsics.txt`` (default: NYU's colour
-               camera, fx 518.86, Kinect v1 baseline) with ``split`` in train/test. Records carry
+               camera, fx 518.86, Kinect v1 baseline) with ``split`` in train/test, as
+               ``train/prepare_nyud.py`` writes it from the official ``.mat`` files. Records carry
                ``meta["layout"] = "mm"``. Class names: the scenes found (sorted), or
                ``classnames=`` (other scenes then get label None; ``meta["scene"]`` keeps the raw
                name for protocols that fold them into "other").
