@@ -26,7 +26,7 @@ from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import NYU_D_CLASSES
 from imagebind_lite.modalities import build_encoder
 
-# Command lines run verbatim below (RUN: a model folder).
+# The commands docs/evaluation.md and README.md print, run verbatim below (RUN: a model folder).
 PREPARE = (
     "python train/prepare_nyud.py --mat nyu_depth_v2_labeled.mat --splits splits.mat --out NYUD"
 )
@@ -134,6 +134,11 @@ def release(tmp_path, frames):
     write_labeled_mat(tmp_path / "nyu_depth_v2_labeled.mat", frames)
     write_splits(tmp_path / "splits.mat")
     return tmp_path
+
+
+def test_documented_commands_are_printed_in_the_docs():
+    docs = (REPO / "docs" / "evaluation.md").read_text() + (REPO / "README.md").read_text()
+    assert PREPARE in docs and ZERO_SHOT in docs
 
 
 @pytest.fixture(scope="module")
