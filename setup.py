@@ -36,6 +36,8 @@ setup(
     ],
     extras_require={
         "video": ["av"],  # train/prepare_videos.py
-        "dev": ["pytest", "ruff", "matplotlib", "av"],
+        "nyud": ["h5py", "scipy"],  # train/prepare_nyud.py reads the official .mat files
+        "sunrgbd": ["scipy"],  # the toolbox's allsplit.mat
+        "dev": ["pytest", "ruff", "matplotlib", "av", "h5py", "scipy"],
     },
 )

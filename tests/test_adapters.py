@@ -1,6 +1,7 @@
 """Layout adapters: a tiny fixture in each dataset's exact layout -> records and class names."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from imagebind_lite.config import load_config
-from imagebind_lite.data.adapters import read_layout
+from imagebind_lite.data.adapters import MissingSplitFile, read_layout
 from imagebind_lite.data.datasets import get_dataset_builder
 from imagebind_lite.modalities import get_modality
 
@@ -235,6 +236,67 @@ def test_sunrgbd(tmp_path):
     assert next(r for r in only_office if r.meta["scene"] == "living_room").label is None
 
 
+def sun_config(root, *options):
+    return load_config(
+        None,
+        [
+            "modality=depth",
+            "anchor.pretrained=null",
+            "data.dataset=sunrgbd",
+            f"data.root={root}",
+            "data.preprocess={image_size: 16}",
+            *options,
+        ],
+    )
+
+
+def test_sunrgbd_refuses_a_split_without_its_split_file(tmp_path, anchor):
+    root = tmp_path / "SUNRGBD"
+    sun_frame(root / "kv1/NYUdata/NYU0001", "living_room")
+    sun_frame(root / "kv2/kinect2data/000002", "office")
+    for split in ("train", "test"):
+        with pytest.raises(MissingSplitFile) as err:
+            read_layout("sunrgbd", root, split=split)
+        line = str(err.value)
+        assert "\n" not in line and f"split={split!r}" in line and str(root) in line
+        assert "SUNRGBDtoolbox/traintestSUNRGBD/allsplit.mat" in line and "split.json" in line
+    # No split asked: every frame, none of them with a split.
+    for everything in (read_layout("sunrgbd", root), read_layout("sunrgbd", root, split="all")):
+        assert [(r.id, r.split) for r in everything[0]] == [
+            ("kv1/NYUdata/NYU0001", None),
+            ("kv2/kinect2data/000002", None),
+        ]
+    # The dataset builder: its default train/eval splits are refused in the same words...
+    spec = get_modality("depth")
+    with pytest.raises(MissingSplitFile, match="train_split='train', eval_split='test'.*allsplit"):
+        get_dataset_builder("sunrgbd")(sun_config(root), anchor, spec)
+    # ...and with both splits null every frame trains, with no evaluation.
+    (root / "stats.json").write_text(json.dumps(SUN_STATS))
+    cfg = sun_config(root, "data.options={train_split: null, eval_split: null}")
+    bundle = get_dataset_builder("sunrgbd")(cfg, anchor, spec)
+    assert len(bundle.train) == 2 and not bundle.eval
+    # With the split file the same default config splits the frames.
+    (root / "split.json").write_text(
+        json.dumps({"train": ["kv1/NYUdata/NYU0001"], "test": ["kv2/kinect2data/000002"]})
+    )
+    bundle = get_dataset_builder("sunrgbd")(sun_config(root), anchor, spec)
+    assert len(bundle.train) == 1 and len(bundle.eval) == 1
+
+
+SUN_STATS = {
+    "depth": {
+        "mean": 0.0,
+        "std": 1.0,
+        "options": {
+            "representation": "disparity",
+            "layout": "sunrgbd",
+            "max_depth": 8.0,
+            "baseline": "auto",
+        },
+    }
+}
+
+
 def test_nyud(tmp_path, anchor):
     for split, frame, scene in (
         ("train", "0001", "bedroom"),
@@ -282,6 +344,21 @@ def test_nyud(tmp_path, anchor):
     assert len(bundle.train) == 2 and len(bundle.eval) == 1 and bundle.classnames == names
     expected = 0.075 * 518.8579 / 2.5
     assert torch.allclose(bundle.eval[0]["depth"], torch.full((1, 16, 16), expected), rtol=1e-4)
+
+
+def test_a_relative_root_gives_paths_that_resolve_once(tmp_path, monkeypatch):
+    # Documented commands take --root NYUD; the datasets resolve record paths inside the root,
+    # so a relative root must not be applied twice (NYUD/NYUD/...).
+    from imagebind_lite.data.bad_input import resolve_inside
+
+    folder = tmp_path / "NYUD" / "test" / "0001"
+    jpg(folder / "image.jpg")
+    png16(folder / "depth.png")
+    (folder / "scene.txt").write_text("kitchen")
+    monkeypatch.chdir(tmp_path)
+    (record,), _ = read_layout("nyud", "NYUD")
+    assert record.paths["depth"] == tmp_path / "NYUD/test/0001/depth.png"
+    assert resolve_inside(Path("NYUD"), record.paths["depth"]).is_file()
 
 
 def llvip_fixture(root, persons=((100, 50, 140, 150), (300, 60, 330, 160))):

@@ -3,6 +3,9 @@ real SUN RGB-D frames in tests/data, and infrared-format files written from them
 
 import csv
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -351,3 +354,27 @@ def test_stats_command_writes_json_and_dataset_uses_it(tmp_path, anchor):
     cfg = load_config(None, overrides + ["data.preprocess={image_size: 32, layout: mm}"])
     with pytest.raises(ValueError, match="layout"):
         get_dataset_builder("manifest")(cfg, anchor, spec)
+
+
+def test_stats_from_the_sunrgbd_layout_need_its_split_file(tmp_path):
+    """On a copy of the real frames: no split file, no training statistics (they would include
+    the test frames); with split.json, the train frame's alone; --split all asks for every frame."""
+    root = tmp_path / "toy"
+    shutil.copytree(TEST_DATA / "sunrgbd_toy", root)
+    records, _ = frames()
+    train_id, test_id = (r.id for r in records)
+    stats = tmp_path / "stats.json"
+    args = ["--modality", "depth", "--layout", "sunrgbd", "--root", str(root)]
+    cmd = [sys.executable, "train/compute_stats.py", *args, "--out", str(stats)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and not stats.exists()
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: sunrgbd: split='train'")
+    assert "allsplit.mat" in proc.stderr and "SUN RGB-D toolbox" in proc.stderr
+    assert compute_stats.main([*args, "--out", str(stats), "--split", "all"])["files"] == 2
+
+    (root / "split.json").write_text(json.dumps({"train": [train_id], "test": [test_id]}))
+    entry = compute_stats.main([*args, "--out", str(stats)])
+    values, valid = depth.depth_input(records[0].paths["depth"])
+    assert records[0].id == train_id and entry["files"] == 1
+    assert entry["mean"] == pytest.approx(float(values[valid].double().mean()), rel=1e-6)

@@ -3,6 +3,7 @@ produces its numbers beside the published ones; the test-set rules (ESC-50 folds
 "other", SUN-D's 19 classes, several captions per clip) are checked on known cases."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -266,8 +267,19 @@ def test_caption_retrieval_every_caption_is_a_query(space, tmp_path, name, make,
 
 def test_sund_keeps_its_19_classes(space, tmp_path):
     root = make_sunrgbd(tmp_path / "SUNRGBD")
-    with pytest.warns(UserWarning, match="no split file"):  # the fixture has no split.json
-        result = evaluate_protocol("sund", root, space, batch_size=2)
+    # Without a split file the test split cannot be told from the training frames: refused.
+    with pytest.raises(FileNotFoundError, match="split='test' needs SUN RGB-D's train/test"):
+        evaluate_protocol("sund", root, space, batch_size=2)
+    everything = evaluate_protocol("sund", root, space, {"split": "all"}, batch_size=2)
+    assert everything["num_records"] == 3  # asked for on purpose: every frame of the 19 classes
+    train_frame = root / "kv1" / "frame4"  # an office frame the test split must leave out
+    _rgb(train_frame / "image" / "0000004.jpg", 4)
+    _depth_png(train_frame / "depth_bfx" / "0000004.png", 4, rotate=True)
+    (train_frame / "scene.txt").write_text("office")
+    (train_frame / "intrinsics.txt").write_text(INTRINSICS)
+    test = [f"kv1/frame{i}" for i in range(4)]
+    (root / "split.json").write_text(json.dumps({"train": ["kv1/frame4"], "test": test}))
+    result = evaluate_protocol("sund", root, space, batch_size=2)
     assert len(SUN_D_CLASSES) == 19 and result["classnames"] == SUN_D_CLASSES
     assert result["num_records"] == 3 and result["excluded_by_protocol"] == 1  # the garage
     assert result["skipped"] == 0 and "35.1" in format_table(result)

@@ -8,7 +8,9 @@
 ``--set KEY=VALUE`` gives preprocessing options exactly as ``data.preprocess`` will (depth:
 layout, max_depth, representation, baseline, fx; thermal: scaling, rgb_policy): the statistics
 record them, and a dataset refuses statistics computed under other options. Rows of the split
-``--split`` (default ``train``) are used when the manifest has a split column. The result is
+``--split`` (default ``train``) are used when the manifest has a split column; a layout whose
+split file is missing (SUN RGB-D without ``allsplit.mat``) is refused rather than measured on
+its test frames too, and ``--split all`` measures every record on purpose. The result is
 merged into the JSON under the modality's name, so depth and thermal can share one file.
 """
 
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     source.add_argument("--manifest", help="CSV or JSONL manifest (relative to --root or cwd)")
     source.add_argument("--layout", help="a standard layout: sunrgbd, nyud, llvip")
     parser.add_argument("--root", required=True, help="dataset root")
-    parser.add_argument("--split", default="train", help="split to measure (default: train)")
+    parser.add_argument(
+        "--split", default="train", help="split to measure (default: train; all: every record)"
+    )
     parser.add_argument("--out", help=f"output JSON (default: ROOT/{STATS_FILE})")
     parser.add_argument("--max-files", type=int, help="measure a seeded random subset")
     parser.add_argument("--seed", type=int, default=0)
@@ -50,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
 
+    split = None if args.split == "all" else args.split
     records, _, where = load_records(
-        args.root, args.manifest, args.layout, args.split, parse_key_values(args.option)
+        args.root, args.manifest, args.layout, split, parse_key_values(args.option)
     )
     entry = compute_sensor_stats(
         args.modality, records, args.root, parse_key_values(args.set), args.max_files, args.seed

@@ -1,8 +1,8 @@
 """Adapters: standard dataset layouts -> :class:`Record` lists, and training datasets on top.
 
 ``read_layout(name, root, **opts) -> (records, classnames)``; ``classnames`` is None when the
-layout has no class labels. Record paths are ``root / relative`` (not resolved: the datasets
-refuse any that resolve outside the root). Layouts and their options:
+layout has no class labels. Record paths are ``root / relative`` with ``root`` made absolute
+(not resolved: the datasets refuse any that resolve outside the root). Layouts and their options:
 
 ``esc50``      ``meta/esc50.csv`` (filename, fold, target, category, esc10, src_file, take) and
                ``audio/<filename>``. Labels = ``target``; class names = categories in target
@@ -34,9 +34,12 @@ refuse any that resolve outside the root). Layouts and their options:
                ``split_file=`` (JSON ``{"train": [...], "test": [...]}`` of frame folders, or the
                toolbox's ``allsplit.mat`` with alltrain/alltest, read with scipy), or
                ``ROOT/split.json`` / ``ROOT/allsplit.mat`` when present; ``split=`` filters.
+               A split asked of a root without a split file is refused
+               (:class:`MissingSplitFile`); ``split=None`` or ``"all"`` reads every frame.
 ``nyud``       ``{split}/{id}/image.png|jpg``, ``{split}/{id}/depth.png`` (uint16 millimetres),
                ``{split}/{id}/scene.txt``, optional ``intrinsics.txt`` (default: NYU's colour
-               camera, fx 518.86, Kinect v1 baseline) with ``split`` in train/test. Records carry
+               camera, fx 518.86, Kinect v1 baseline) with ``split`` in train/test, as
+               ``train/prepare_nyud.py`` writes it from the official ``.mat`` files. Records carry
                ``meta["layout"] = "mm"``. Class names: the scenes found (sorted), or
                ``classnames=`` (other scenes then get label None; ``meta["scene"]`` keeps the raw
                name for protocols that fold them into "other").
@@ -57,7 +60,8 @@ files a record needs (default: the layout's primary modality).
 Registered training datasets (``data.dataset=NAME``, ``data.root=ROOT``) pair RGB with the
 modality: ``audioset`` and ``vggsound`` (frame + audio), ``sunrgbd`` and ``nyud`` (RGB + depth),
 ``llvip`` (RGB + thermal, whole frames for training, person/background crops for evaluation).
-Options: ``train_split``, ``eval_split`` (null: no evaluation), ``layout_options`` (passed to
+Options: ``train_split``, ``eval_split`` (null: no evaluation; SUN RGB-D without its split
+file is refused unless both are null, which trains on every frame), ``layout_options`` (passed to
 ``read_layout``), ``eval_layout``/``eval_root``/``eval_layout_options`` (evaluate on another
 layout, e.g. train on AudioSet and classify ESC-50 zero-shot), ``classnames``, ``templates``,
 and the manifest options (``stats``, ``max_consecutive_bad``, ``max_logged_bad``). ESC-50,
@@ -113,7 +117,9 @@ def read_layout_info(name: str, root, **opts) -> tuple[list[Record], list[str] |
     """Like :func:`read_layout`, plus an info dict (files dropped, split source, ...)."""
     if name not in _LAYOUTS:
         raise KeyError(f"unknown layout {name!r}; known: {', '.join(list_layouts())}")
-    root = Path(root)
+    # Absolute (not resolved): the paths stay valid from any working directory, and a
+    # relative root is not applied twice where the paths are resolved inside it.
+    root = Path(root).absolute()
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: dataset root not found: {root}")
     return _LAYOUTS[name](root, **opts)
@@ -406,6 +412,22 @@ def _sunrgbd_key(path: str) -> str:
     return text[text.index(marker) + len(marker) :] if marker in text else text
 
 
+class MissingSplitFile(FileNotFoundError):
+    """A train/test split was asked of a dataset whose split file is absent."""
+
+
+def sunrgbd_missing_split(root, asked: str, no_split: str = "split='all'") -> str:
+    """The one line that refuses a SUN RGB-D split without a split file: what is missing,
+    where it comes from, and how to read every frame instead."""
+    return (
+        f"sunrgbd: {asked} needs SUN RGB-D's train/test split, but {root} has no split.json "
+        "or allsplit.mat: copy allsplit.mat from the SUN RGB-D toolbox "
+        "(SUNRGBDtoolbox/traintestSUNRGBD/allsplit.mat, rgbd.cs.princeton.edu/data) into it, "
+        'or give split_file= (allsplit.mat, or a split.json {"train": [...], "test": [...]} '
+        f"of frame folders); {no_split} reads every frame without a split"
+    )
+
+
 def _sunrgbd_splits(root: Path, split_file) -> tuple[dict[str, str], str | None]:
     candidates = [Path(split_file)] if split_file else [root / "split.json", root / "allsplit.mat"]
     for path in candidates:
@@ -459,7 +481,11 @@ def _sunrgbd(
 
     if depth not in ("depth_bfx", "depth"):
         raise ValueError(f"sunrgbd: depth must be depth_bfx or depth, got {depth!r}")
+    split = None if split == "all" else split
     splits, split_source = _sunrgbd_splits(root, split_file)
+    if split is not None and not splits:
+        # Never a silent fallback to every frame: test frames would train and be scored.
+        raise MissingSplitFile(sunrgbd_missing_split(root, f"split={split!r}"))
     records, dropped = [], 0
     for folder, dirs, _ in os.walk(root, followlinks=False):
         dirs.sort()
@@ -489,15 +515,9 @@ def _sunrgbd(
             "layout": "sunrgbd",
         }
         record_split = splits.get(_sunrgbd_key(rel)) if splits else None
-        if split is not None and splits and record_split != split:
+        if split is not None and record_split != split:
             continue
         records.append(Record(rel, paths, None, [], record_split, None, meta))
-    if split is not None and not splits:
-        warnings.warn(
-            f"sunrgbd: no split file under {root}: split={split!r} ignored, all "
-            f"{len(records)} frames returned",
-            stacklevel=3,
-        )
     names = _label_scenes(records, classnames)
     return records, names, {"split_source": split_source, "dropped_missing": dropped}
 
@@ -740,6 +760,13 @@ def build_layout_dataset(name: str, cfg, anchor, spec):
             name, root, **{**setup.train_options, **extra, **common}
         )
         info.update({k: v for k, v in i.items() if v is not None})
+        if name == "sunrgbd" and not i.get("split_source") and (train_split or eval_split):
+            asked = f"data.options train_split={train_split!r}, eval_split={eval_split!r}"
+            raise MissingSplitFile(
+                sunrgbd_missing_split(
+                    root, asked, "data.options={train_split: null, eval_split: null}"
+                )
+            )
         if any(r.split is not None for r in everything):
             train = [r for r in everything if r.split == train_split]
             evaluation = [r for r in everything if eval_split and r.split == eval_split]

@@ -118,9 +118,10 @@ SUN_D_CLASSES = [
     "study space",
 ]
 
-# NYU Depth v2 (1,449 labelled frames, 654 test): 27 scene types folded into 10 classes, the
-# nine most frequent and "other". "other" has no prompt of its own: its score is the best
-# score of the 18 remaining scene names below.
+# NYU Depth v2 (1,449 labelled frames, 654 test in the official splits.mat; ImageBind's Table 1
+# says 653, one frame left out unpublished: see docs/evaluation.md): 27 scene types folded
+# into 10 classes, the nine most frequent and "other". "other" has no prompt of its own: its
+# score is the best score of the 18 remaining scene names below.
 NYU_D_CLASSES = [
     "bedroom",
     "kitchen",
