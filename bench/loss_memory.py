@@ -36,10 +36,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _worker(rank, world, port, rows, dim, local, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _measure(rows: int, dim: int, local: bool, rank: int) -> float:
     g = torch.Generator().manual_seed(rank)
     modality = torch.randn(rows, dim, generator=g).requires_grad_()
     anchor = torch.randn(rows, dim, generator=g)
@@ -47,7 +44,14 @@ def _worker(rank, world, port, rows, dim, local, out):
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the RSS now
     before = _status_kib("VmRSS")
     info_nce(modality, anchor, 0.05, local=local).backward()
-    out[rank] = (_status_kib("VmHWM") - before) / 1024
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _worker(rank, world, port, cases, dim, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out[rank] = [_measure(n // world, dim, local, rank) for n, local in cases]
     dist.destroy_process_group()
 
 
@@ -57,12 +61,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def peak_mib(processes: int, global_batch: int, dim: int, local: bool) -> float:
+def peak_mib(processes: int, cases: list[tuple[int, bool]], dim: int) -> list[float]:
+    """Per (global batch, local) case, the largest rise over the processes. One launch runs
+    every case: a fixed malloc mmap threshold returns each freed buffer to the system, so a
+    case never reuses the pages of the one before it unseen."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # read by the spawned interpreters
     out = mp.Manager().dict()
-    rows = global_batch // processes
-    args = (processes, _free_port(), rows, dim, local, out)
-    mp.spawn(_worker, args=args, nprocs=processes, join=True)
-    return max(out.values())
+    mp.spawn(_worker, args=(processes, _free_port(), cases, dim, out), nprocs=processes)
+    return [max(per_rank[i] for per_rank in out.values()) for i in range(len(cases))]
 
 
 def main(argv=None) -> dict:
@@ -76,10 +82,11 @@ def main(argv=None) -> dict:
     sizes = [int(n) for n in args.global_batch.split(",")]
     if any(n % args.processes for n in sizes):
         raise ValueError(f"--global-batch: every size must divide by --processes {args.processes}")
+    cases = [(n, local) for n in sizes for local in (False, True)]
+    peaks = dict(zip(cases, peak_mib(args.processes, cases, args.dim)))
     rows = {}
     for n in sizes:
-        full = peak_mib(args.processes, n, args.dim, local=False)
-        local = peak_mib(args.processes, n, args.dim, local=True)
+        full, local = peaks[n, False], peaks[n, True]
         rows[str(n)] = {"full_mib": round(full, 1), "local_mib": round(local, 1)}
         rows[str(n)]["ratio"] = round(full / max(local, 1e-9), 2)
         print(f"global batch {n:6d}: full {full:8.1f} MiB  local {local:8.1f} MiB", flush=True)

@@ -27,6 +27,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# One output buffer, no per-rank copies to concatenate (torch < 2.14 names it differently).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_single(out, tensor)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward all-reduces the incoming gradient and keeps this rank's slice.
 
@@ -35,11 +46,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
         ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        return _all_gather(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -72,11 +80,7 @@ def gather_features(
 
 def gather_frozen(frozen: torch.Tensor) -> torch.Tensor:
     """All processes' rows of a side that takes no gradient, in rank order."""
-    if not _distributed():
-        return frozen
-    parts = [torch.empty_like(frozen) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, frozen.detach().contiguous())
-    return torch.cat(parts)
+    return _all_gather(frozen.detach()) if _distributed() else frozen
 
 
 def _normalised_pair(modality_emb: torch.Tensor, anchor_emb: torch.Tensor):

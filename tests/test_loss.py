@@ -1,14 +1,18 @@
 """InfoNCE and SigLIP: known values on hand-made embeddings, and 2 processes == 1 process (the
 global loss, the local loss and SigLIP)."""
 
+import json
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO
 from torch.nn.parallel import DistributedDataParallel
 
 from imagebind_lite.loss import info_nce, siglip
@@ -134,3 +138,18 @@ def test_local_info_nce_equals_global_on_one_process():
     assert info_nce(m, a, 0.07, local=True).item() == pytest.approx(
         info_nce(m, a, 0.07).item(), rel=1e-6
     )
+
+
+def test_loss_memory_bench_local_grows_slower_than_full():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "loss_memory.py"), "--processes", "2"]
+        + ["--global-batch", "256,2048", "--dim", "128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["peak_loss_memory"]
+    # [N, N] logits: 16 MiB at N = 2048 for each of several buffers; the local loss holds
+    # [N / 2, N] ones.
+    assert rows["2048"]["full_mib"] > 40 and rows["2048"]["ratio"] > 1.5, rows
