@@ -45,6 +45,7 @@ by the anchor's identity and a hash of class names and templates, under
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -59,6 +60,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .config import ConfigError
+from .data.datasets import eval_mode
 
 CACHE_FORMAT = "imagebind_lite.anchor_cache/1"
 TEXT_CACHE_FORMAT = "imagebind_lite.text_cache/1"
@@ -476,6 +478,12 @@ class CachedAnchorDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def eval_mode(self) -> CachedAnchorDataset:
+        """The cached pairs over the inner dataset's evaluation mode (still in cache mode)."""
+        view = copy.copy(self)
+        view.dataset = eval_mode(self.dataset)
+        return view
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.dataset, "set_epoch"):

@@ -9,6 +9,7 @@ audio encoder sees images only through the frozen anchor and never sees text.
 
 from __future__ import annotations
 
+import copy
 import gzip
 from pathlib import Path
 
@@ -167,6 +168,13 @@ class PairedAudioImages(EpochRandom, Dataset):
         image = self.images[pick].squeeze(0)
         return {"vision": image, self.modality: feats, "label": label, "id": self.ids[index]}
 
+    def eval_mode(self) -> PairedAudioImages:
+        """The clips as recorded: no warp, time shift or augmentation (the image pairing is
+        still drawn per read, from the frozen epoch's generator)."""
+        view = copy.copy(self)
+        view.augment, view.max_shift, view.warp = None, 0, (0.0, 0.0)
+        return view
+
     def use_anchor_views(self, views: int | None) -> None:
         self.anchor_views = views
 
@@ -183,6 +191,9 @@ class ClipSet(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def eval_mode(self) -> ClipSet:
+        return self  # fixed clips, nothing random
 
     def __getitem__(self, index: int) -> dict:
         return {

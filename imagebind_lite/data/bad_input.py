@@ -37,6 +37,7 @@ swallowed.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -48,7 +49,7 @@ from typing import BinaryIO
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import BadSample, EpochRandom
+from .datasets import BadSample, EpochRandom, eval_mode
 
 REASONS = ("missing", "empty", "unreadable", "silent", "nan", "wrong_shape", "outside_root")
 POLICIES = ("skip", "raise")
@@ -184,6 +185,14 @@ class BadInputDataset(EpochRandom, Dataset):
         self.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+    def eval_mode(self) -> BadInputDataset:
+        """The same policy over the inner dataset's evaluation mode. Replacements are still
+        drawn and counted (into the same ``counts``); bad indices are remembered afresh."""
+        view = copy.copy(self)
+        view.dataset = eval_mode(self.dataset)
+        view._known_bad = {}
+        return view
 
     def __len__(self) -> int:
         return len(self.dataset)

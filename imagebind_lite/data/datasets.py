@@ -4,6 +4,13 @@ Every training sample is a dict: ``"vision"`` (the paired image, already in the 
 form), the trained modality's tensor under its own name, ``"label"`` (int, -1 when unlabelled)
 and ``"id"`` (a stable sample id, the key of the anchor cache). Evaluation samples carry the
 modality tensor, ``"label"`` and ``"id"``, and optionally ``"vision"``.
+
+Evaluation mode. Every dataset class implements ``eval_mode() -> Dataset``: the same samples as
+evaluation reads them (no augmentation; no random flip, shift, warp or crop: centre crops), as a
+new object that shares the data and leaves the dataset itself as it was, so a training split can
+be embedded for a probe while it keeps training. A dataset without training randomness returns
+itself; a wrapper returns a wrapper of its inner dataset's evaluation mode. Call it through
+:func:`eval_mode`, which refuses a dataset that does not say how.
 """
 
 from __future__ import annotations
@@ -71,6 +78,18 @@ class EpochRandom:
         return torch.Generator().manual_seed(
             (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
         )
+
+
+def eval_mode(dataset) -> Dataset:
+    """``dataset.eval_mode()``: the dataset's samples as evaluation reads them (see above)."""
+    method = getattr(dataset, "eval_mode", None)
+    if not callable(method):
+        raise TypeError(
+            f"{type(dataset).__name__} has no eval_mode(): a dataset says how it is read for "
+            f"evaluation (no augmentation, no random pairing draws that change the input) by "
+            f"returning such a view of itself (imagebind_lite/data/datasets.py)"
+        )
+    return method()
 
 
 def collate(samples: list[dict]) -> dict:

@@ -39,6 +39,7 @@ Every sample passes the bad-input policy of ``data.bad_input`` (``bad_input.py``
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -496,6 +497,12 @@ class RecordDataset(EpochRandom, Dataset):
         self.seed = seed
         # Every sample has the same keys (collate stacks them): with or without vision.
         self.keys = sampler.needs(vision or train)
+
+    def eval_mode(self) -> RecordDataset:
+        """The same records read as evaluation reads them: no augmentation, centre crops."""
+        view = copy.copy(self)
+        view.train = False
+        return view
 
     def __len__(self) -> int:
         return len(self.records)

@@ -9,6 +9,8 @@ Real data pipelines (SUN RGB-D, NYU-D, LLVIP) live in the other data modules.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.data import Dataset
 
@@ -116,6 +118,12 @@ class SceneSet(EpochRandom, Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def eval_mode(self) -> SceneSet:
+        """The scenes as rendered: no random flip."""
+        view = copy.copy(self)
+        view.flip, view.max_anchor_views = False, 1
+        return view
 
     def use_anchor_views(self, views: int | None) -> None:
         self.anchor_views = views

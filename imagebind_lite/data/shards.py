@@ -37,6 +37,7 @@ header scans survive across epochs.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import os
 import shutil
@@ -228,6 +229,12 @@ class ShardDataset(EpochRandom, Dataset):
         self.vision = "vision" in self.index["keys"]
         self._pid = None
 
+    def eval_mode(self) -> ShardDataset:
+        """The same samples read as evaluation reads them (no augmentation, centre crops)."""
+        view = copy.copy(self)
+        view.train, view._pid = False, None  # its own file handles
+        return view
+
     def __len__(self) -> int:
         return self.index["num_samples"]
 
@@ -302,6 +309,13 @@ class ShardStream(EpochRandom, Dataset):
             ) from exn
         warnings.warn(f"{self.directory}: skipping unreadable tar data ({exn})", stacklevel=2)
         return True
+
+    def eval_mode(self) -> ShardStream:
+        """The stream's samples without augmentation (still resampled: a stream has no fixed
+        order), from a stream of its own."""
+        view = copy.copy(self)
+        view.train, view._stream_key, view._failures = False, None, 0
+        return view
 
     def __len__(self) -> int:
         return self.epoch_size

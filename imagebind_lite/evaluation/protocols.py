@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..data.adapters import Record, read_layout
+from ..data.datasets import eval_mode
 from .metrics import (
     chunked_retrieval_metrics,
     confusion_matrix,
@@ -740,10 +741,11 @@ def run_collections(
 ) -> tuple[dict, dict]:
     """Embed a run's evaluation split -> ({modality: Collection}, info). The run's modality,
     the paired image when samples carry one (else a dataset's extra gallery), and the class
-    prompts as a ``text`` collection. ``built``: a (config, bundle) from ``run_bundle``."""
+    prompts as a ``text`` collection. ``built``: a (config, bundle) from ``run_bundle``.
+    The split is read in its evaluation mode (``data.datasets.eval_mode``)."""
     cfg, bundle = built or run_bundle(run_dir, space.anchor)
     modality = cfg.modality
-    dataset = bundle.eval
+    dataset = eval_mode(bundle.eval)
     first = dataset[0]
     keys = [modality] + (["vision"] if "vision" in first else [])
     encoders = {k: space.encoder_fn(k) for k in keys}
@@ -995,33 +997,6 @@ def format_retrieval(results: dict, ks: Sequence[int] = (1, 5, 10)) -> str:
 # ------------------------------------------------------------------------ training split
 
 
-_AUGMENTATION_SWITCHES = {"augment": None, "flip": False, "train": False, "max_shift": 0}
-
-
-class eval_view:
-    """Within the block, a training dataset yields evaluation-time samples (augmentation,
-    random flips and shifts off), so that a probe trains on the view it is tested on."""
-
-    def __init__(self, dataset):
-        self.targets, self.saved = [], []
-        while dataset is not None:
-            self.targets.append(dataset)
-            dataset = getattr(dataset, "dataset", None)
-
-    def __enter__(self):
-        for target in self.targets:
-            for name, off in _AUGMENTATION_SWITCHES.items():
-                if hasattr(target, name) and not callable(getattr(type(target), name, None)):
-                    self.saved.append((target, name, getattr(target, name)))
-                    setattr(target, name, off)
-        return self
-
-    def __exit__(self, *exc):
-        for target, name, value in reversed(self.saved):
-            setattr(target, name, value)
-        return False
-
-
 def run_train_collection(
     space: Space,
     run_dir: str | Path,
@@ -1030,29 +1005,30 @@ def run_train_collection(
     num_workers: int = 0,
     built: tuple | None = None,
 ):
-    """The run's training split in its modality, without augmentation -> (Collection, class
-    names). ``built``: a (config, bundle) from ``run_bundle``, to build the data once."""
+    """The run's training split in its modality, in its evaluation mode (no augmentation, no
+    random flip, shift or warp: ``data.datasets.eval_mode``), so that a probe trains on the view
+    it is tested on -> (Collection, class names). ``built``: a (config, bundle) from
+    ``run_bundle``, to build the data once."""
     cfg, bundle = built or run_bundle(run_dir, space.anchor)
     modality = cfg.modality
-    dataset = bundle.train
+    dataset = eval_mode(bundle.train)
 
     def load(i: int) -> dict:
         sample = dataset[i]
         return {modality: sample[modality], "id": str(sample["id"]), "label": sample["label"]}
 
-    with eval_view(dataset):
-        out = embed_stream(
-            {modality: space.encoder_fn(modality)},
-            len(dataset),
-            load,
-            batch_size,
-            num_workers,
-            progress,
-            f"embed train {modality}",
-            True,
-            space.device,
-            extras=("id", "label"),
-        )
+    out = embed_stream(
+        {modality: space.encoder_fn(modality)},
+        len(dataset),
+        load,
+        batch_size,
+        num_workers,
+        progress,
+        f"embed train {modality}",
+        True,
+        space.device,
+        extras=("id", "label"),
+    )
     labels = [int(x) for x in out.extras["label"]]
     return Collection(
         modality, out.embeddings[modality], out.extras["id"], labels, out.extras["id"]
