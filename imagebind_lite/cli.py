@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .train import train
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -46,8 +47,6 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
     config_path = args.config or default_config_path(default_config)
     try:
         cfg = load_config(config_path, args.overrides)
-        from .train import train
-
         metrics = train(cfg, resume=args.resume)
     except ConfigError as err:
         sys.exit(f"config error: {err}")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.config import AnchorConfig, load_config
-from imagebind_lite.data import adapters
+from imagebind_lite.data import layout_datasets
 from imagebind_lite.data.datasets import eval_mode, get_dataset_builder, list_datasets
 from imagebind_lite.data.manifest import read_manifest
 from imagebind_lite.data.shards import write_shards
@@ -158,7 +158,7 @@ def test_every_registered_dataset_reads_the_same_samples_in_evaluation_mode(tmp_
         if get_dataset_builder(n).__module__.startswith("imagebind_lite.")
     }
     # The other layouts are read by the same record datasets as nyud (build_from_records).
-    assert ours == {"avmnist", *built, *adapters.LAYOUT_DATASETS}
+    assert ours == {"avmnist", *built, *layout_datasets.LAYOUT_DATASETS}
     for name, bundle in built.items():
         modality = next(k for k in bundle.train[0] if k not in ("vision", "label", "id"))
         view = eval_mode(bundle.train)

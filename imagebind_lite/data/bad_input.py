@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .datasets import BadSample, EpochRandom, eval_mode
@@ -104,8 +105,6 @@ def open_stream(source: Source) -> BinaryIO:
 
 def open_image(source: Source):
     """A fully decoded PIL image. Truncated or undecodable data is ``unreadable``."""
-    from PIL import Image, UnidentifiedImageError
-
     data = read_bytes(source)
     try:
         image = Image.open(io.BytesIO(data))

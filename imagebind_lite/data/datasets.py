@@ -1,4 +1,7 @@
-"""The dataset registry: a name in ``data.dataset`` -> a builder returning a ``DatasetBundle``.
+"""What every dataset shares: the bundle a builder returns, bad samples, per-sample randomness,
+the evaluation mode, and batching. A leaf of the data layer (it imports only the dataset
+registry, whose names it re-exports: ``register_dataset``, ``get_dataset_builder``,
+``list_datasets``).
 
 Every training sample is a dict: ``"vision"`` (the paired image, already in the anchor's input
 form), the trained modality's tensor under its own name, ``"label"`` (int, -1 when unlabelled)
@@ -16,11 +19,23 @@ itself; a wrapper returns a wrapper of its inner dataset's evaluation mode. Call
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
+
+from .registry import get_dataset_builder, list_datasets, register_dataset
+
+__all__ = [
+    "BadSample",
+    "DatasetBundle",
+    "EpochRandom",
+    "collate",
+    "eval_mode",
+    "get_dataset_builder",
+    "list_datasets",
+    "register_dataset",
+]
 
 
 @dataclass
@@ -30,30 +45,6 @@ class DatasetBundle:
     classnames: list[str] | None = None  # zero-shot classification; None means retrieval only
     templates: list[str] | None = None  # prompt templates with one "{}" for the class name
     info: dict = field(default_factory=dict)  # split rules, sizes: written to metrics.json
-
-
-_DATASETS: dict[str, Callable] = {}
-
-
-def register_dataset(name: str):
-    def wrap(builder: Callable) -> Callable:
-        _DATASETS[name] = builder
-        return builder
-
-    return wrap
-
-
-def get_dataset_builder(name: str) -> Callable:
-    try:
-        return _DATASETS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown dataset {name!r}; registered: {', '.join(sorted(_DATASETS))}"
-        ) from None
-
-
-def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
 
 
 class BadSample(ValueError):
@@ -110,7 +101,3 @@ def collate(samples: list[dict]) -> dict:
             batch[key] = values
     batch["skipped"] = dict(skipped)
     return batch
-
-
-# Built-in datasets register themselves on import.
-from . import adapters, avmnist, manifest, scenes, shards  # noqa: E402,F401

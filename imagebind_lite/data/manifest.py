@@ -50,21 +50,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
+import yaml
 from torch.utils.data import Dataset
 
-# Module imports (not names): datasets.py imports this module while registering, possibly in
-# the middle of importing one of these; their attributes are only needed at call time.
+from ..registry import list_modalities
 from . import audio as audio_data
 from . import bad_input as bi
 from . import depth as depth_data
 from . import thermal as thermal_data
-from .adapters import Record
+from .adapters import Record, read_layout
 from .datasets import BadSample, DatasetBundle, EpochRandom, register_dataset
 from .transforms import (
     FULL_BOX,
     STATS_FILE,
     PairedTransform,
+    RunningStats,
     pixel_box_to_relative,
     read_stats,
     sensor_normaliser,
@@ -182,8 +184,6 @@ def rows_to_records(
     where: str = "manifest",
 ) -> tuple[list[Record], list[str] | None]:
     """Manifest rows -> (records with paths under ``root``, class names)."""
-    from ..modalities import list_modalities
-
     root = Path(root)
     path_keys = set(modalities or list_modalities()) | set(EXTRA_PATHS)
     raw = [_raw_labels(row.get("label")) for row in rows]
@@ -281,8 +281,6 @@ def read_waveform(source: bi.Source) -> tuple[torch.Tensor, int]:
             return audio_data.read_audio(source)
         except audio_data.AudioReadError as err:
             raise BadSample(_audio_reason(str(err)), str(err)) from None
-    import soundfile as sf
-
     data = bi.read_bytes(source)
     try:
         array, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
@@ -320,8 +318,6 @@ def compute_sensor_stats(
 ) -> dict:
     """Mean/std of the raw depth/thermal values of ``records`` (valid pixels only), for
     ``stats.json``. Bad files are left out and counted; ``max_files`` takes a seeded subset."""
-    from .transforms import RunningStats
-
     module = depth_data if modality == "depth" else thermal_data
     options = {**module.DEFAULTS, **(options or {})}
     chosen = [r for r in records if modality in r.paths]
@@ -701,8 +697,6 @@ def load_records(
     """Records of a manifest or a layout for the data scripts -> (records, class names, the
     source as a command-line fragment). ``split`` keeps rows of that split when rows carry
     one (for a layout it is passed to ``read_layout``)."""
-    from .adapters import read_layout
-
     root = Path(root)
     if (manifest is None) == (layout is None):
         raise ValueError("give exactly one of a manifest or a layout")
@@ -721,8 +715,6 @@ def load_records(
 
 def parse_key_values(items: Sequence[str]) -> dict:
     """``["a=1", "b=[x, y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:

@@ -49,7 +49,6 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-# Module imports: datasets.py imports this module while registering datasets.
 from . import bad_input as bi
 from . import manifest as mf
 from .adapters import Record

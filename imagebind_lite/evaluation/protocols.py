@@ -27,9 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
+from ..config import load_config
 from ..data.adapters import Record, read_layout
-from ..data.datasets import eval_mode
+from ..data.avmnist import DEFAULT_ROOT, digits_to_pixels, image_split, load_digit_images
+from ..data.bad_input import resolve_inside
+from ..data.datasets import BadSample, eval_mode, get_dataset_builder
+from ..data.manifest import PairSampler
+from ..registry import get_modality, import_modality_file
 from .metrics import (
     chunked_retrieval_metrics,
     confusion_matrix,
@@ -385,16 +391,10 @@ def record_loader(
     layout are applied exactly as in training, centre-cropped for evaluation. Without a
     partner the modality's own reader gets the record's intrinsics, fx, baseline and layout.
     """
-    from ..data.bad_input import resolve_inside
-    from ..data.datasets import BadSample
-    from ..modalities import get_modality
-
     keys = tuple(keys or (modality,))
     root = Path(root)
     sampler = None
     if modality in ("depth", "thermal"):
-        from ..data.manifest import PairSampler
-
         sampler = PairSampler(get_modality(modality), space.preprocess(modality), space.anchor)
 
     def load(i: int) -> dict:
@@ -667,8 +667,6 @@ def format_table(result: dict) -> str:
 
 
 def load_run_config(run_dir: str | Path):
-    from ..config import load_config
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -677,9 +675,6 @@ def load_run_config(run_dir: str | Path):
 
 def run_bundle(run_dir: str | Path, anchor):
     """The dataset of a saved run, rebuilt from its ``config.yaml`` -> (config, bundle)."""
-    from ..data.datasets import get_dataset_builder
-    from ..modalities import get_modality, import_modality_file
-
     cfg = load_run_config(run_dir)
     if cfg.modality_file:
         import_modality_file(cfg.modality_file)
@@ -711,8 +706,6 @@ class Collection:
 
 
 def _avmnist_images(cfg, space: Space) -> Collection:
-    from ..data.avmnist import DEFAULT_ROOT, digits_to_pixels, image_split, load_digit_images
-
     images, labels = load_digit_images(Path(cfg.data.root) if cfg.data.root else DEFAULT_ROOT)
     # The images held out of the anchor's fine-tuning, as the audio test speakers are held out.
     held = ~image_split(len(images))
@@ -1037,8 +1030,6 @@ def run_train_collection(
 
 def parse_options(pairs: Sequence[str]) -> dict:
     """``KEY=VALUE`` strings (values parsed as YAML) -> dict, for layout options."""
-    import yaml
-
     out = {}
     for text in pairs:
         key, sep, value = text.partition("=")

@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .linear_probe import linear_probe
 from .metrics import alignment, modality_gap, uniformity
+from .probes import as_dicts, format_probe_table, run_probes
+from .protocols import (
+    cross_modal_retrieval,
+    evaluate_run,
+    run_bundle,
+    run_collections,
+    run_train_collection,
+)
 
 
 def _plain(value):
@@ -340,16 +349,6 @@ def build_report(
     seeds: int = 2,
 ) -> dict:
     """Evaluate the run and write ``out_dir`` (default ``RUN/report``). Returns the metrics."""
-    from .linear_probe import linear_probe
-    from .probes import as_dicts, format_probe_table, run_probes
-    from .protocols import (
-        cross_modal_retrieval,
-        evaluate_run,
-        run_bundle,
-        run_collections,
-        run_train_collection,
-    )
-
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..anchor import Anchor
+from ..checkpoint import load_run
+from ..config import AnchorConfig
+from ..registry import get_modality, list_modalities
 from .metrics import chunked_topk
 
 EMBEDDINGS_FORMAT = "imagebind_lite.embeddings/1"
@@ -67,8 +72,6 @@ def parse_input(spec: str, modality: str | None = None) -> tuple[str, str]:
         name = ALIASES.get(head.lower(), head.lower())
         if name == "text":
             return "text", rest
-        from ..modalities import list_modalities
-
         if name in ANCHOR_MODALITIES or name in list_modalities():
             return name, rest
     if modality is not None:
@@ -286,8 +289,6 @@ class Space:
         cls, runs: Sequence[str | Path] = (), device: str | torch.device = "cpu", anchor=None
     ) -> Space:
         """Load each run's encoder; every run must share one anchor (or the space differs)."""
-        from ..checkpoint import load_run
-
         encoders, configs, folders = {}, {}, {}
         for run in runs:
             encoder, run_anchor, config = load_run(run, device)
@@ -305,9 +306,6 @@ class Space:
             folders[modality] = Path(run)
         if anchor is None:
             # Images and text alone need no run: the package's default anchor embeds them.
-            from ..anchor import Anchor
-            from ..config import AnchorConfig
-
             anchor = Anchor(AnchorConfig(), device=device)
         space = cls(anchor, encoders, configs, device)
         space.runs = folders
@@ -319,8 +317,6 @@ class Space:
 
     def preprocess(self, modality: str) -> dict:
         """The modality's defaults under the run's saved options (mean/std, sizes, ...)."""
-        from ..modalities import get_modality
-
         saved = self.configs.get(modality, {}).get("preprocess") or {}
         return {**get_modality(modality).preprocess, **saved}
 
@@ -354,12 +350,8 @@ class Space:
         """One file -> the model input of ``modality``."""
         self._require(modality)
         if modality == "vision":
-            from PIL import Image
-
             with Image.open(path) as image:
                 return self.anchor.preprocess(image.convert("RGB"))
-        from ..modalities import get_modality
-
         spec = get_modality(modality)
         if spec.load is None:
             raise SpaceError(f"modality {modality!r} has no file reader")

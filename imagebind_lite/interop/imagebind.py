@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from ..modalities import get_modality, resolve_size
+from ..models.build import resolve_size
 from ..models.encoder import EncoderShape, LinearWindowStem, ModalityEncoder, PatchStem
+from ..registry import get_modality
 
 __all__ = [
     "IMAGEBIND_MODALITIES",
@@ -166,8 +168,6 @@ def load_imagebind_state_dict(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ImageBind checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
         wanted = tuple(p for m in (modalities or ()) for p in _prefixes(m))
         with safe_open(path, framework="pt", device="cpu") as f:
             names = f.keys()  # a safe_open handle is not iterable itself

@@ -1,6 +1,6 @@
 """The anchor's own modalities: their towers come from the frozen CLIP (``anchor.py``)."""
 
-from . import ModalitySpec, register_modality
+from ..registry import ModalitySpec, register_modality
 
 for _name, _what in (("vision", "RGB images"), ("text", "captions / class prompts")):
     register_modality(

@@ -2,7 +2,7 @@
 
 from ..data import audio as audio_data
 from ..models.encoder import ConvStem, PatchStem
-from . import ModalitySpec, register_modality
+from ..registry import ModalitySpec, register_modality
 
 
 def build_stem(size: dict, options: dict):

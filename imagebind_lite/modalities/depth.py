@@ -2,7 +2,7 @@
 
 from ..data import depth as depth_data
 from ..models.encoder import PatchStem
-from . import ModalitySpec, register_modality
+from ..registry import ModalitySpec, register_modality
 
 # Training augmentation (ImageBind's depth/thermal recipe; see data/transforms.py).
 AUGMENT_DEFAULTS = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, erase_p=0.25)

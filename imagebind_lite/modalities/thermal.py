@@ -1,7 +1,7 @@
 """Thermal: one-channel infrared image [1, H, W] -> ViT (ImageBind's thermal encoder is a ViT-B)."""
 
 from ..data import thermal as thermal_data
-from . import ModalitySpec, register_modality
+from ..registry import ModalitySpec, register_modality
 from .depth import AUGMENT_DEFAULTS, build_image_stem
 
 register_modality(
