@@ -22,6 +22,40 @@ from pathlib import Path
 from typing import Any
 
 
+class ImageBindCheckpointError(ValueError):
+    """The checkpoint's branch for a modality does not fit the encoder it describes.
+
+    Defined here (and re-exported by ``imagebind_lite.interop.imagebind``) so that a modality
+    file's ``ImageBindBranch.stem_from_weights`` can raise it without importing the interop layer.
+    """
+
+
+@dataclass(frozen=True)
+class ImageBindBranch:
+    """Where one modality's encoder sits in ImageBind's checkpoints (``imagebind_huge.pth``).
+
+    Keys of a branch: ``modality_preprocessors.<name>.<stem>.proj.weight``, ``.<pos_embed>``,
+    ``modality_trunks.<name>.blocks.i.*``, ``modality_heads.<name>.<head_index>.weight``, ...
+    (``imagebind_lite.interop.imagebind`` has the whole table).
+    """
+
+    # The stem's module name under modality_preprocessors.<name> (rgbt_stem, depth_stem, ...).
+    stem: str
+    # Attention heads of the released model: the weights cannot tell them.
+    heads: int
+    # The stem class whose weights map onto ImageBind's (export refuses any other).
+    stem_type: type
+    # (modality name, projection weight, its ImageBind key, patch tokens, preprocessing
+    # options given, stride given or None) -> (size fields, preprocessing options) that make
+    # ``build_stem`` fit the weights; raises ImageBindCheckpointError when nothing fits.
+    stem_from_weights: Callable[..., tuple[dict[str, Any], dict[str, Any]]]
+    # Index of the Linear in modality_heads.<name> (2, after LayerNorm and CLS selection).
+    head_index: int = 2
+    # The positional table under modality_preprocessors.<name>, and other names ports use.
+    pos_embed: str = "pos_embedding_helper.pos_embed"
+    pos_embed_aliases: tuple[str, ...] = ()
+
+
 @dataclass
 class ModalitySpec:
     name: str
@@ -43,6 +77,8 @@ class ModalitySpec:
     augment: Callable[..., Any] | None = None
     is_anchor: bool = False
     description: str = ""
+    # Its place in ImageBind's checkpoints (None: ImageBind has no such encoder).
+    imagebind: ImageBindBranch | None = None
 
 
 _REGISTRY: dict[str, ModalitySpec] = {}

@@ -12,6 +12,8 @@ register_modality``.
 from ..models.build import TRUNK_FIELDS, build_encoder, resolve_size
 from ..registry import (
     _REGISTRY,
+    ImageBindBranch,
+    ImageBindCheckpointError,
     ModalitySpec,
     get_modality,
     import_modality_file,
@@ -21,6 +23,8 @@ from ..registry import (
 
 __all__ = [
     "TRUNK_FIELDS",
+    "ImageBindBranch",
+    "ImageBindCheckpointError",
     "ModalitySpec",
     "_REGISTRY",
     "build_encoder",

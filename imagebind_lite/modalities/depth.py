@@ -1,8 +1,10 @@
 """Depth: one-channel disparity image [1, H, W] -> ViT (ImageBind's depth encoder is a ViT-S)."""
 
+import math
+
 from ..data import depth as depth_data
-from ..models.encoder import PatchStem
-from ..registry import ModalitySpec, register_modality
+from ..models.encoder import PatchStem, patch_tokens
+from ..registry import ImageBindBranch, ImageBindCheckpointError, ModalitySpec, register_modality
 
 # Training augmentation (ImageBind's depth/thermal recipe; see data/transforms.py).
 AUGMENT_DEFAULTS = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, erase_p=0.25)
@@ -17,6 +19,44 @@ def build_image_stem(size: dict, options: dict) -> PatchStem:
         kernel=size["patch"],
         stride=size["patch"],
     )
+
+
+def image_stem_from_weights(name: str, proj, proj_key: str, tokens: int, preprocess, stride):
+    """ImageBind's depth/thermal stem: square patches with stride = patch, as ours."""
+    if proj.ndim != 4:
+        raise ImageBindCheckpointError(
+            f"{name}: {proj_key} has shape {list(proj.shape)}; expected a Conv2d weight "
+            f"[width, in_chans, kh, kw]"
+        )
+    kernel = (int(proj.shape[2]), int(proj.shape[3]))
+    if kernel[0] != kernel[1]:
+        raise ImageBindCheckpointError(
+            f"{name}: non-square patch {kernel} in {proj_key}; the image stem is square"
+        )
+    patch = kernel[0]
+    if stride is not None:
+        step = (stride, stride) if isinstance(stride, int) else tuple(int(v) for v in stride)
+        if step != kernel:
+            raise ImageBindCheckpointError(
+                f"{name}: the image stem's stride is its patch ({patch}); got {stride}"
+            )
+    if "image_size" in preprocess:
+        image_size = int(preprocess["image_size"])
+        found = patch_tokens((image_size, image_size), kernel, kernel)
+        if found != tokens:
+            raise ImageBindCheckpointError(
+                f"{name}: a {image_size}x{image_size} image in {patch}-pixel patches gives "
+                f"{found} tokens; the checkpoint has {tokens}"
+            )
+    else:
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ImageBindCheckpointError(
+                f"{name}: {tokens} patch tokens is not a square grid; pass "
+                f"preprocess={{'{name}': {{'image_size': ...}}}}"
+            )
+        image_size = side * patch
+    return {"patch": patch}, {"image_size": image_size, "in_chans": int(proj.shape[1])}
 
 
 register_modality(
@@ -36,5 +76,11 @@ register_modality(
         load=depth_data.load,
         augment=depth_data.augment,
         description="disparity from metric depth, one channel",
+        imagebind=ImageBindBranch(
+            stem="depth_stem",
+            heads=8,
+            stem_type=PatchStem,
+            stem_from_weights=image_stem_from_weights,
+        ),
     )
 )

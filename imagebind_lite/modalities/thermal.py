@@ -1,8 +1,9 @@
 """Thermal: one-channel infrared image [1, H, W] -> ViT (ImageBind's thermal encoder is a ViT-B)."""
 
 from ..data import thermal as thermal_data
-from ..registry import ModalitySpec, register_modality
-from .depth import AUGMENT_DEFAULTS, build_image_stem
+from ..models.encoder import PatchStem
+from ..registry import ImageBindBranch, ModalitySpec, register_modality
+from .depth import AUGMENT_DEFAULTS, build_image_stem, image_stem_from_weights
 
 register_modality(
     ModalitySpec(
@@ -20,5 +21,11 @@ register_modality(
         load=thermal_data.load,
         augment=thermal_data.augment,
         description="one-channel infrared intensity",
+        imagebind=ImageBindBranch(
+            stem="rgbt_stem",
+            heads=12,
+            stem_type=PatchStem,
+            stem_from_weights=image_stem_from_weights,
+        ),
     )
 )
