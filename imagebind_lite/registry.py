@@ -1,8 +1,13 @@
 """The modality registry: every modality is data (a ``ModalitySpec``), not a code path.
 
 A spec says how raw input becomes tokens (the stem), the trunk sizes, the head (LayerNorm ->
-CLS -> bias-free Linear into the anchor's dimension, built by ``ModalityEncoder``), and the
-postprocessor (L2 normalisation, fixed temperature).
+CLS -> bias-free Linear into the anchor's dimension, built by ``ModalityEncoder``), the
+postprocessor (L2 normalisation, fixed temperature), and every way the rest of the library
+treats the modality differently from another: its file reader, how a dataset column becomes a
+tensor, whether it is cropped together with the RGB image, its normalisation statistics, what
+it sees of the synthetic scenes, its default prompt templates, its place in ImageBind's
+checkpoints. Nothing outside ``imagebind_lite/modalities/`` asks a modality for its name to
+decide what to do (``tests/test_architecture.py`` checks it).
 
 This module is a leaf: it imports nothing of the package, so every layer can read the
 registry. The built-in modalities (one file each in ``imagebind_lite/modalities/``) are
@@ -20,6 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The anchor's towers (``ModalitySpec.anchor_tower``).
+IMAGE_TOWER = "image"
+TEXT_TOWER = "text"
+ANCHOR_TOWERS = (IMAGE_TOWER, TEXT_TOWER)
+
+# Class-prompt templates of a dataset that names classes but gives no templates.
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 class ImageBindCheckpointError(ValueError):
@@ -71,14 +84,55 @@ class ModalitySpec:
     head_dropout: float = 0.0
     # Preprocessing defaults (sample rate, mel bins, normalisation, ...); configs override them.
     preprocess: dict[str, Any] = field(default_factory=dict)
-    # path -> tensor of one sample, with preprocessing options: the modality's file reader.
+    # path -> tensor of one sample, with preprocessing options: the modality's file reader,
+    # and its evaluation transform (a finished model input).
     load: Callable[..., Any] | None = None
-    # (tensor, train: bool, options) -> tensor: training augmentation / eval transform.
+    # (tensor, train: bool, options) -> tensor: training augmentation (identity when not train).
     augment: Callable[..., Any] | None = None
+    # The anchor's own modalities: their towers come from the frozen CLIP, not from a stem.
     is_anchor: bool = False
+    # Which tower of the anchor encodes it: IMAGE_TOWER or TEXT_TOWER (anchor modalities only).
+    anchor_tower: str | None = None
     description: str = ""
+    # Other names for it in inputs such as ``image:photo.png``.
+    aliases: tuple[str, ...] = ()
+    # File suffixes (lower case, with the dot) that say a file is of this modality when an
+    # input names none; leave empty when a suffix is ambiguous (a depth PNG is also an image).
+    extensions: tuple[str, ...] = ()
+    # How a dataset column becomes a tensor: (source: a Path or a data.bad_input.Blob,
+    # options) -> tensor, raising data.datasets.BadSample with a reason for bad input. None:
+    # ``load(path, **options)``, a shard member going through a temporary file.
+    load_source: Callable[[Any, dict[str, Any]], Any] | None = None
+    # An image spatially aligned with the RGB frame (depth, thermal): (sources by key, record
+    # meta, options) -> (raw values [1, H, W], valid-pixel mask or None). Datasets then crop and
+    # flip both images identically (data.transforms.PairedTransform), centre-crop both for
+    # evaluation, and standardise this side with ``normaliser``. None: not aligned.
+    read_aligned: Callable[[dict, dict, dict], tuple[Any, Any]] | None = None
+    # options -> (tensor -> standardised tensor) for the aligned image.
+    normaliser: Callable[[dict[str, Any]], Callable[[Any], Any]] | None = None
+    # Normalisation statistics measured on the training set (train/compute_stats.py ->
+    # stats.json): options -> the options the statistics depend on (recorded beside them, and
+    # checked when they are read). None: the modality takes no dataset statistics.
+    stats_options: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # What the modality sees of a synthetic scene (data.scenes.render_scenes and the probes'
+    # renderer give rgb, depth, thermal): scenes -> raw input batch, before standardisation.
+    scene_input: Callable[[dict], Any] | None = None
+    # Prompt templates for zero-shot classification of datasets that give none.
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
     # Its place in ImageBind's checkpoints (None: ImageBind has no such encoder).
     imagebind: ImageBindBranch | None = None
+
+    def __post_init__(self):
+        if self.anchor_tower is not None:
+            if self.anchor_tower not in ANCHOR_TOWERS:
+                raise ValueError(
+                    f"modality {self.name!r}: anchor_tower must be one of {ANCHOR_TOWERS}, "
+                    f"got {self.anchor_tower!r}"
+                )
+            self.is_anchor = True
+        self.templates = tuple(self.templates)
+        self.extensions = tuple(e.lower() for e in self.extensions)
+        self.aliases = tuple(self.aliases)
 
 
 _REGISTRY: dict[str, ModalitySpec] = {}
@@ -111,6 +165,36 @@ def get_modality(name: str) -> ModalitySpec:
 
 def list_modalities(trainable_only: bool = False) -> list[str]:
     return sorted(n for n, s in _REGISTRY.items() if not (trainable_only and s.is_anchor))
+
+
+def resolve_alias(name: str) -> str:
+    """A modality name, in any case, or one of a spec's ``aliases`` -> the registered name;
+    any other string comes back as it is."""
+    if name in _REGISTRY:
+        return name
+    key = name.lower()
+    if key in _REGISTRY:
+        return key
+    for spec in _REGISTRY.values():
+        if key in spec.aliases:
+            return spec.name
+    return name
+
+
+def anchor_tower_of(name: str) -> str | None:
+    """The anchor tower that encodes modality ``name`` (IMAGE_TOWER, TEXT_TOWER); None for a
+    trained modality or a name that is not registered."""
+    spec = _REGISTRY.get(name)
+    return None if spec is None else spec.anchor_tower
+
+
+def modality_of_suffix(suffix: str) -> str | None:
+    """The modality whose ``extensions`` hold ``suffix`` (e.g. ``.wav``), or None."""
+    suffix = suffix.lower()
+    for spec in _REGISTRY.values():
+        if suffix in spec.extensions:
+            return spec.name
+    return None
 
 
 def import_modality_file(path: str | Path) -> None:

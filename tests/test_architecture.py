@@ -1,6 +1,7 @@
 """The package's structure, read from its source with ``ast``: no module-level import cycle,
 dependencies running one way through the layers, registries that are leaves, function-level
-imports only for optional heavy dependencies, and an evaluation mode on every dataset class."""
+imports only for optional heavy dependencies, no branch on a modality's name outside
+``imagebind_lite/modalities/``, and an evaluation mode on every dataset class."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 import imagebind_lite
+from imagebind_lite.registry import list_modalities
 
 PACKAGE = Path(imagebind_lite.__file__).resolve().parent
 ROOT = PACKAGE.name
@@ -198,6 +200,90 @@ def test_function_level_imports_are_only_for_optional_heavy_dependencies():
                 if tops - OPTIONAL_HEAVY:
                     found.append(f"{MODULES[module].relative_to(PACKAGE.parent)}:{node.lineno}")
     assert found == []
+
+
+# ------------------------------------------------------------------------ modality names
+
+
+def _literal_names(node: ast.AST, names: set[str]) -> list[str]:
+    """Registered names among the string constants of a literal (or a literal collection)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value] if node.value in names else []
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [n for e in node.elts for n in _literal_names(e, names)]
+    return []
+
+
+def _pattern_names(pattern: ast.AST, names: set[str]) -> list[str]:
+    found = []
+    for node in ast.walk(pattern):
+        if isinstance(node, ast.MatchValue):
+            found += _literal_names(node.value, names)
+    return found
+
+
+def name_comparisons(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every comparison with a string literal that is a modality name:
+    ``==``, ``!=``, ``is`` against it, ``in``/``not in`` a literal collection holding it (or
+    a substring test of it), and ``match`` cases. A literal on the left of ``in`` a computed
+    container (``"vision" in sample``) is a key lookup, not a comparison, and is allowed."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for left, op, right in zip(operands, node.ops, operands[1:]):
+                if isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)):
+                    hits = _literal_names(left, names) + _literal_names(right, names)
+                elif isinstance(op, (ast.In, ast.NotIn)):
+                    hits = _literal_names(right, names)
+                    if isinstance(right, (ast.Tuple, ast.List, ast.Set, ast.Constant)):
+                        hits += _literal_names(left, names)  # both sides literal
+                else:
+                    hits = []
+                found += [(node.lineno, h) for h in hits]
+        elif isinstance(node, ast.Match):
+            for case in node.cases:
+                found += [(node.lineno, h) for h in _pattern_names(case.pattern, names)]
+    return found
+
+
+def test_the_name_checker_catches_branches_and_allows_keys():
+    names = {"audio", "depth", "vision"}
+    src = """
+if m == "audio": pass
+if "depth" != spec.name: pass
+if m in ("depth", "x"): pass
+if m not in ["vision"]: pass
+match m:
+    case "audio" | "other":
+        pass
+if "vision" in sample: pass
+x = sample["audio"]
+y = {"depth": 1}
+for k in ("vision", "audio"): pass
+if m == "photo": pass
+"""
+    assert sorted(name_comparisons(ast.parse(src), names)) == [
+        (2, "audio"),
+        (3, "depth"),
+        (4, "depth"),
+        (5, "vision"),
+        (6, "audio"),
+    ]
+
+
+def test_no_branch_on_a_modality_name_outside_the_modality_files():
+    names = set(list_modalities())
+    assert {"vision", "text", "audio", "depth", "thermal", "imu"} <= names
+    offenders = []
+    for module, tree in TREES.items():
+        if module == f"{ROOT}.modalities" or module.startswith(f"{ROOT}.modalities."):
+            continue
+        where = MODULES[module].relative_to(PACKAGE.parent)
+        offenders += [
+            f"{where}:{line} compares with {name!r}" for line, name in name_comparisons(tree, names)
+        ]
+    assert offenders == [], "\n".join(offenders)
 
 
 # ----------------------------------------------------------------------- evaluation mode

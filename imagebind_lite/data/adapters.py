@@ -86,6 +86,8 @@ from .depth import NYU_FX, SENSOR_BASELINES, resolve_baseline, sensor_of
 AUDIO_EXTS = (".flac", ".wav", ".ogg", ".mp3")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# SUN RGB-D's depth folders of a frame: hole-filled maps, raw maps.
+SUNRGBD_DEPTH_FOLDERS = ("depth_bfx", "depth")
 
 
 @dataclass
@@ -460,13 +462,13 @@ def _sunrgbd(
     classnames=None,
     missing: str = "keep",
 ):
-    if depth not in ("depth_bfx", "depth"):
+    if depth not in SUNRGBD_DEPTH_FOLDERS:
         raise ValueError(f"sunrgbd: depth must be depth_bfx or depth, got {depth!r}")
     splits, split_source = _sunrgbd_splits(root, split_file)
     records, dropped = [], 0
     for folder, dirs, _ in os.walk(root, followlinks=False):
         dirs.sort()
-        if "image" not in dirs or not ({"depth", "depth_bfx"} & set(dirs)):
+        if "image" not in dirs or not (set(SUNRGBD_DEPTH_FOLDERS) & set(dirs)):
             continue
         dirs[:] = []  # a frame folder holds no further frames
         scene_dir = Path(folder)

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from .registry import get_dataset_builder, list_datasets, register_dataset
+from .registry import dataset_modalities, get_dataset_builder, list_datasets, register_dataset
 
 __all__ = [
     "BadSample",
     "DatasetBundle",
     "EpochRandom",
     "collate",
+    "dataset_modalities",
     "eval_mode",
     "get_dataset_builder",
     "list_datasets",

@@ -16,7 +16,7 @@ from .manifest import build_from_records
 
 @dataclass
 class _LayoutDataset:
-    modality: str
+    modality: str  # the one modality it pairs with RGB (checked by the dataset registry)
     # "per_split": read the layout once per split; "filter": read everything, split by record.
     mode: str
     train_split: str | None
@@ -50,8 +50,6 @@ def build_layout_dataset(name: str, cfg, anchor, spec):
     opts = cfg.data.options
     if not cfg.data.root:
         raise ValueError(f"dataset {name}: set data.root to the dataset folder")
-    if spec.name != setup.modality:
-        raise ValueError(f"dataset {name} pairs RGB with {setup.modality}, not {spec.name!r}")
     root = Path(cfg.data.root)
     common = dict(opts.get("layout_options") or {})
     train_split = opts.get("train_split", setup.train_split)
@@ -112,8 +110,8 @@ def build_layout_dataset(name: str, cfg, anchor, spec):
 
 
 def _register_layout_datasets() -> None:
-    for name in LAYOUT_DATASETS:
-        register_dataset(name)(
+    for name, setup in LAYOUT_DATASETS.items():
+        register_dataset(name, modalities=(setup.modality,))(
             lambda cfg, anchor, spec, _n=name: build_layout_dataset(_n, cfg, anchor, spec)
         )
 

@@ -424,6 +424,6 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
         train=train,
         eval=evaluation,
         classnames=classnames,
-        templates=list(templates or mf.DEFAULT_TEMPLATES) if classnames else templates,
+        templates=list(templates or spec.templates) if classnames else templates,
         info=info,
     )

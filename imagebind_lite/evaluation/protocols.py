@@ -386,15 +386,16 @@ def record_loader(
 ):
     """Index -> {key: model input} for ``keys`` (default: the modality alone).
 
-    Depth and thermal records with an RGB partner are read through the training pipeline's
-    ``PairSampler``: crop boxes (LLVIP person/background), intrinsics and the sensor's bit
-    layout are applied exactly as in training, centre-cropped for evaluation. Without a
-    partner the modality's own reader gets the record's intrinsics, fx, baseline and layout.
+    A modality aligned with the RGB frame (``ModalitySpec.read_aligned``: depth, thermal) is
+    read through the training pipeline's ``PairSampler`` in evaluation mode: the record's crop
+    box (LLVIP person/background), intrinsics, focal length, baseline and bit layout are applied
+    exactly as in training, centre-cropped, together with its RGB image when it has one (the
+    crop is then measured on the image, as in training).
     """
     keys = tuple(keys or (modality,))
     root = Path(root)
     sampler = None
-    if modality in ("depth", "thermal"):
+    if get_modality(modality).read_aligned is not None:
         sampler = PairSampler(get_modality(modality), space.preprocess(modality), space.anchor)
 
     def load(i: int) -> dict:
@@ -407,22 +408,9 @@ def record_loader(
             sources[key] = resolve_inside(root, record.paths[key])
         if record.paths.get("intrinsics") is not None:
             sources["intrinsics"] = resolve_inside(root, record.paths["intrinsics"])
-        if paired:
+        if sampler is not None:
             out = sampler(sources, record.meta, False, None)
             return {k: out[k] for k in keys}
-        if sampler is not None:
-            options = {
-                **space.preprocess(modality),
-                **{
-                    k: record.meta[k]
-                    for k in ("fx", "baseline", "layout")
-                    if record.meta.get(k) is not None
-                },
-            }
-            if modality == "depth" and "intrinsics" in sources:
-                options["intrinsics"] = sources["intrinsics"]
-            spec = get_modality(modality)
-            return {modality: torch.as_tensor(spec.load(sources[modality], **options))}
         return {k: space.load_file(sources[k], k) for k in keys}
 
     return load
@@ -886,8 +874,8 @@ def record_collections(
             if k not in colls:
                 colls[k] = Collection(k, part, list(kept_ids), labels, list(kept_ids))
 
-    for modality in [m for m in wanted if m not in ("vision", "text")]:
-        pair_vision = modality in ("depth", "thermal") and "vision" in wanted
+    for modality in [m for m in wanted if not get_modality(m).is_anchor]:
+        pair_vision = get_modality(modality).read_aligned is not None and "vision" in wanted
         embed_pass(modality, (modality, "vision") if pair_vision else (modality,))
     if "vision" in wanted and "vision" not in colls:
         embed_pass("vision", ("vision",))

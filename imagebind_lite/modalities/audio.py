@@ -1,6 +1,9 @@
 """Audio: log-mel fbank clips [clips, 1, mel, frames] -> ViT on overlapping 2-D patches."""
 
 from ..data import audio as audio_data
+from ..data import bad_input as bi
+from ..data.datasets import BadSample
+from ..data.manifest import read_waveform
 from ..models.encoder import ConvStem, PatchStem, patch_tokens
 from ..registry import ImageBindBranch, ImageBindCheckpointError, ModalitySpec, register_modality
 
@@ -22,6 +25,15 @@ def build_stem(size: dict, options: dict):
 def load(path, **options):
     wav, sample_rate = audio_data.read_audio(path)
     return audio_data.waveform_to_clips(wav, sample_rate, options)
+
+
+def load_source(source: bi.Source, options: dict):
+    """A dataset's audio file or shard member -> clips; unreadable, empty and silent files are
+    bad input with their reasons."""
+    wav, rate = read_waveform(source)
+    if audio_data.is_silent(wav):
+        raise BadSample("silent", f"{bi.source_name(source)}: all samples are zero")
+    return audio_data.waveform_to_clips(wav, rate, options)
 
 
 def augment(feats, train: bool, freq_mask: int = 12, time_mask: int = 0, generator=None, **_):
@@ -101,6 +113,8 @@ register_modality(
         load=load,
         augment=augment,
         description="kaldi log-mel fbank clips, ImageBind recipe",
+        extensions=(".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"),
+        load_source=load_source,
         imagebind=ImageBindBranch(
             stem="rgbt_stem", heads=12, stem_type=PatchStem, stem_from_weights=stem_from_weights
         ),

@@ -3,11 +3,17 @@
 import math
 
 from ..data import depth as depth_data
+from ..data import scenes as scenes_data
+from ..data.transforms import sensor_normaliser
 from ..models.encoder import PatchStem, patch_tokens
 from ..registry import ImageBindBranch, ImageBindCheckpointError, ModalitySpec, register_modality
 
+NAME = "depth"
+
 # Training augmentation (ImageBind's depth/thermal recipe; see data/transforms.py).
 AUGMENT_DEFAULTS = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, erase_p=0.25)
+# Per-record columns that override the reading options (data.manifest).
+RECORD_OPTIONS = ("fx", "baseline", "layout")
 
 
 def build_image_stem(size: dict, options: dict) -> PatchStem:
@@ -19,6 +25,14 @@ def build_image_stem(size: dict, options: dict) -> PatchStem:
         kernel=size["patch"],
         stride=size["patch"],
     )
+
+
+def read_aligned(sources: dict, meta: dict, options: dict):
+    """A record's depth map (registered to its RGB frame) -> (disparity [1,H,W], valid mask),
+    with the record's own ``fx``, ``baseline`` and bit ``layout`` overriding the options and
+    its ``intrinsics`` file giving the focal length."""
+    options = {**options, **{k: meta[k] for k in RECORD_OPTIONS if meta.get(k) is not None}}
+    return depth_data.depth_input(sources[NAME], intrinsics=sources.get("intrinsics"), **options)
 
 
 def image_stem_from_weights(name: str, proj, proj_key: str, tokens: int, preprocess, stride):
@@ -61,7 +75,7 @@ def image_stem_from_weights(name: str, proj, proj_key: str, tokens: int, preproc
 
 register_modality(
     ModalitySpec(
-        name="depth",
+        name=NAME,
         temperature=0.2,
         sizes={
             "imagebind": dict(width=384, depth=12, heads=8, patch=16),
@@ -76,6 +90,11 @@ register_modality(
         load=depth_data.load,
         augment=depth_data.augment,
         description="disparity from metric depth, one channel",
+        read_aligned=read_aligned,
+        normaliser=lambda options: sensor_normaliser(NAME, options),
+        stats_options=depth_data.conversion_options,
+        # The scenes' metric depth as the encoder sees it: disparity.
+        scene_input=lambda scenes: scenes_data.depth_to_disparity(scenes["depth"]),
         imagebind=ImageBindBranch(
             stem="depth_stem",
             heads=8,
