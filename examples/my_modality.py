@@ -18,13 +18,15 @@ The saved model carries a copy of this file (``model/modality.py``), which
 model folder's code never runs without ``trust_code``).
 
 The parts: (1) preprocessing defaults, (2) the file reader, (3) augmentation, (4) the stem,
-(5) the sizes and ``register_modality``, (6) optionally, a dataset (``register_dataset``). The
-trunk, the head (LayerNorm -> CLS -> Linear into the anchor's dimension), the loss, the training
-loop, checkpoints and zero-shot evaluation come from the library.
+(5) the sizes and ``register_modality``, (6) optionally, a dataset (``register_dataset``) with
+its evaluation mode. The trunk, the head (LayerNorm -> CLS -> Linear into the anchor's
+dimension), the loss, the training loop, checkpoints, zero-shot evaluation, the report and its
+linear probe come from the library.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from imagebind_lite.data import avmnist
 from imagebind_lite.data.datasets import DatasetBundle, EpochRandom, register_dataset
 from imagebind_lite.modalities import ModalitySpec, register_modality
 
@@ -145,6 +148,8 @@ register_modality(
 # dicts: "vision" (the paired image in the anchor's input form), the modality's tensor under its
 # name, "label" (int, -1 if none) and "id". With classnames, evaluation is zero-shot
 # classification against text prompts; without, retrieval against the evaluation images.
+# A dataset says how evaluation reads it: ``eval_mode()`` returns a view of the same items
+# without augmentation (the report's linear probe embeds the training split through it).
 #
 # This demo makes signals whose frequency says a digit and pairs each with a real handwritten
 # digit image of the same digit (UCI digits, shipped with the package). The encoder never sees
@@ -171,20 +176,31 @@ class DemoPairs(EpochRandom, Dataset):
         image_labels: torch.Tensor | None = None,
     ):
         self.size, self.options, self.train, self.seed = size, options, train, seed
+        self.augmenting = train  # off in the evaluation mode of the training split
         self.images = images
         if images is not None:
             self.by_digit = [torch.nonzero(image_labels == d).flatten() for d in range(10)]
+
+    def eval_mode(self) -> DemoPairs:
+        """The same items without augmentation: each signal drawn once, never augmented."""
+        view = copy.copy(self)
+        view.augmenting = False
+        return view
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        # Training draws new noise every epoch; evaluation samples are fixed.
-        g = self.generator(index) if self.train else torch.Generator().manual_seed(10**6 + index)
+        # Training draws new noise every epoch; evaluation samples are fixed (and the training
+        # split's, in its evaluation mode, are others than the test split's).
+        if self.augmenting:
+            g = self.generator(index)
+        else:
+            g = torch.Generator().manual_seed((2 if self.train else 1) * 10**6 + index)
         digit = index % 10
         x = synth_signal(digit, self.options, g)
         sample = {
-            NAME: augment(x, self.train, generator=g, **self.options),
+            NAME: augment(x, self.augmenting, generator=g, **self.options),
             "label": digit,
             "id": f"{'train' if self.train else 'test'}-{index}",
         }
@@ -197,8 +213,6 @@ class DemoPairs(EpochRandom, Dataset):
 
 @register_dataset("my_sensor_demo")
 def build_demo(cfg, anchor, spec) -> DatasetBundle:
-    from imagebind_lite.data import avmnist
-
     options = {**spec.preprocess, **cfg.data.preprocess}
     train_size = int(cfg.data.options.get("train_size", 2000))
     test_size = int(cfg.data.options.get("test_size", 500))

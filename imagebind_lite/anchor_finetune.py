@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -61,6 +62,8 @@ from tqdm.auto import tqdm
 from .anchor import file_sha256, validate_anchor_config
 from .config import AnchorConfig, ConfigError
 from .data import avmnist, scenes
+from .data import bad_input as bi
+from .data.manifest import image_to_tensor, read_manifest, split_records
 from .evaluation.zero_shot import class_text_embeddings, retrieval_metrics, topk_accuracy
 from .lora import DEFAULT_TARGETS, apply_lora, merge_lora
 
@@ -183,10 +186,6 @@ def load_builtin_domain(name: str, cfg: FinetuneConfig, image_size: int) -> Doma
 def square_pixels(image, size: int) -> torch.Tensor:
     """PIL image -> [3, size, size] in [0, 1]: shorter side resized to ``size`` (bicubic), then
     centre-cropped, as CLIP's evaluation transform does."""
-    from PIL import Image
-
-    from .data.manifest import image_to_tensor
-
     image = image.convert("RGB")
     scale = size / min(image.size)
     width, height = (max(size, round(s * scale)) for s in image.size)
@@ -205,8 +204,6 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from .data import bad_input as bi
-
         path = bi.resolve_inside(self.root, self.paths[index])
         return square_pixels(bi.open_image(path), self.size)
 
@@ -240,8 +237,6 @@ def _image_path(record, where: str) -> Path:
 
 
 def _check_files(root: Path, paths: list[Path], where: str) -> None:
-    from .data import bad_input as bi
-
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -252,8 +247,6 @@ def _check_files(root: Path, paths: list[Path], where: str) -> None:
 
 
 def load_manifest_domain(entry, image_size: int) -> Domain:
-    from .data.manifest import read_manifest, split_records
-
     spec = manifest_spec(entry)
     manifest = Path(spec["manifest"])
     root = Path(spec.get("root") or manifest.parent)

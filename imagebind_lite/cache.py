@@ -45,6 +45,7 @@ by the anchor's identity and a hash of class names and templates, under
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -53,12 +54,17 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import open_clip
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from ._version import __version__
 from .config import ConfigError
+from .data.datasets import eval_mode
+from .evaluation.zero_shot import class_text_embeddings
 
 CACHE_FORMAT = "imagebind_lite.anchor_cache/1"
 TEXT_CACHE_FORMAT = "imagebind_lite.text_cache/1"
@@ -286,8 +292,6 @@ def write_anchor_cache(
     ``entries``, ``views``, ``complete``. ``max_shards`` stops this process after computing that
     many shards (an interruption, for tests); the cache then stays incomplete.
     """
-    from tqdm.auto import tqdm
-
     require_cacheable(dataset, "train/cache_anchor.py")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -404,10 +408,6 @@ def _embed_views(anchor, dataset, ids, batch_size, num_workers, acc):
 
 
 def _versions() -> dict:
-    import open_clip
-
-    from . import __version__
-
     return {
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
@@ -476,6 +476,12 @@ class CachedAnchorDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def eval_mode(self) -> CachedAnchorDataset:
+        """The cached pairs over the inner dataset's evaluation mode (still in cache mode)."""
+        view = copy.copy(self)
+        view.dataset = eval_mode(self.dataset)
+        return view
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.dataset, "set_epoch"):
@@ -557,8 +563,6 @@ def cached_class_text_embeddings(
     class names and the templates. A random anchor (``pretrained=null``) is never stored: its
     weights change on every build. A cache folder that cannot be written only costs the reuse.
     """
-    from .evaluation.zero_shot import class_text_embeddings
-
     device = next(anchor.model.parameters()).device
     if anchor.pretrained is None:
         return class_text_embeddings(anchor.encode_text, classnames, templates)

@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modalities import build_encoder, import_modality_file, list_modalities
+from .anchor import Anchor
+from .config import AnchorConfig
+from .models.build import build_encoder
+from .registry import import_modality_file, list_modalities
 
 MODEL_FORMAT = "imagebind_lite.encoder/1"
 
@@ -134,9 +137,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", trust_code: b
     The anchor is rebuilt from the reference saved with the model and checked against its
     recorded checksum, so an encoder is never evaluated against a different anchor silently.
     """
-    from .anchor import Anchor
-    from .config import AnchorConfig
-
     path = Path(path)
     folder = path / "model" if (path / "model" / "config.json").is_file() else path
     encoder, config = load_model(folder, device, trust_code)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .train import train
 
 TRUST_CODE_HELP = "run a run folder's own modality code (modality.py); only for runs you trust"
 
@@ -96,8 +97,6 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
         args.resume = True
     with one_line_errors():
         cfg = load_config(resolve_config_arg(args.config, default_config), args.overrides)
-        from .train import train
-
         metrics = train(cfg, resume=args.resume)
     if metrics:
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}

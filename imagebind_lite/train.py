@@ -19,18 +19,25 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .anchor import Anchor, validate_anchor_config
-from .cache import cached_class_text_embeddings
+from .cache import attach_anchor_cache, cached_class_text_embeddings
 from .checkpoint import atomic_dir, save_model
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .data.datasets import DatasetBundle, collate, get_dataset_builder
-from .evaluation.zero_shot import embed_dataset, zero_shot_classification
+from .evaluation import prompts
+from .evaluation.zero_shot import embed_dataset, retrieval_metrics, zero_shot_classification
 from .loss import info_nce
-from .modalities import build_encoder, get_modality, import_modality_file, resolve_size
+from .models.build import build_encoder, resolve_size
+from .registry import get_modality, import_modality_file
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -180,8 +187,6 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, quiet: bool = Fals
     anchor = Anchor(cfg.anchor, device=accelerator.device)
     bundle: DatasetBundle = get_dataset_builder(cfg.data.dataset)(cfg, anchor, spec)
     if cfg.anchor.cache:
-        from .cache import attach_anchor_cache
-
         # Batches then carry "anchor_embedding" (no "vision"): no images, no anchor forward.
         bundle.train = attach_anchor_cache(bundle.train, cfg.anchor.cache, anchor, cfg.data.dataset)
     temperature = cfg.encoder.temperature or spec.temperature
@@ -398,8 +403,6 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, skipped: Counter, kee
 def _sum_counters(accelerator, counter: Counter) -> Counter:
     if accelerator.num_processes == 1:
         return counter
-    from accelerate.utils import gather_object
-
     total = Counter()
     for part in gather_object([dict(counter)]):
         total.update(part)
@@ -409,8 +412,6 @@ def _sum_counters(accelerator, counter: Counter) -> Counter:
 def _templates(cfg: TrainConfig, bundle: DatasetBundle):
     if cfg.eval.templates == "default":
         return bundle.templates
-    from .evaluation import prompts
-
     return prompts.get_templates(cfg.eval.templates)
 
 
@@ -438,8 +439,6 @@ def evaluate(
         result["num_eval"] = len(labels)
         result["num_classes"] = len(bundle.classnames)
         return result
-    from .evaluation.zero_shot import retrieval_metrics
-
     images, _ = embed_dataset(anchor.encode_image, bundle.eval, "vision", batch_size, device)
     r = retrieval_metrics(emb @ images.T)
     return {

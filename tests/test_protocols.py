@@ -22,7 +22,6 @@ from imagebind_lite.evaluation.protocols import (
     PROTOCOLS,
     SUN_D_CLASSES,
     cross_modal_retrieval,
-    eval_view,
     evaluate_protocol,
     format_table,
     get_protocol,
@@ -339,18 +338,53 @@ def test_paired_records_give_instance_retrieval_across_modalities(space, tmp_pat
     assert results["depth->vision"]["R@4"] == 1.0 and results["depth->vision"]["gallery"] == 4
 
 
-def test_eval_view_switches_augmentation_off_and_back():
-    class Inner:
-        def __init__(self):
-            self.augment, self.flip = (lambda x: x), True
+def test_eval_mode_switches_augmentation_off_through_wrappers_and_leaves_training_alone(tmp_path):
+    from imagebind_lite.data.bad_input import BadInputDataset
+    from imagebind_lite.data.datasets import eval_mode
+    from imagebind_lite.data.manifest import PairSampler, RecordDataset
+    from imagebind_lite.data.scenes import SceneSet
+    from imagebind_lite.modalities import get_modality
 
-    class Outer:
-        def __init__(self):
-            self.dataset = Inner()
-            self.train = True
+    # An outer wrapper (the bad-input policy) around an inner dataset that flips at random.
+    n = 16
+    vision = torch.randn(n, 3, 4, 4)
+    depth = torch.randn(n, 1, 4, 4)
+    ids = [f"scene-{i}" for i in range(n)]
+    inner = SceneSet(vision, depth, torch.zeros(n, dtype=torch.long), "depth", ids, flip=True)
+    outer = BadInputDataset(inner)
+    view = eval_mode(outer)
+    assert view.dataset.flip is False  # the inner dataset's augmentation is off
+    for i in range(n):
+        assert torch.equal(view[i]["depth"], depth[i]) and torch.equal(view[i]["vision"], vision[i])
+    # ... and the training dataset is as it was: still flipping.
+    assert outer.dataset is inner and inner.flip is True
+    assert any(not torch.equal(outer[i]["depth"], depth[i]) for i in range(n))
 
-    outer = Outer()
-    with eval_view(outer):
-        assert outer.train is False and outer.dataset.flip is False
-        assert outer.dataset.augment is None
-    assert outer.train is True and outer.dataset.flip is True and outer.dataset.augment
+    # An augmenting modality (SpecAugment on audio) in a record dataset: evaluation reads the
+    # same tensor every time, training draws new masks, and the training set goes on doing so.
+    _clip(tmp_path / "clip.flac", 0)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "frame.png")
+    spec = get_modality("audio")
+    sampler = PairSampler(
+        spec,
+        {**spec.preprocess, **AUDIO_PREPROCESS, "freq_mask": 20, "time_mask": 20},
+        Anchor(AnchorConfig(pretrained=None)),
+    )
+    record = Record("clip", {"vision": Path("frame.png"), "audio": Path("clip.flac")})
+    records = RecordDataset([record], tmp_path, sampler, train=True)
+    evaluation = eval_mode(BadInputDataset(records))
+    assert records.train is True and evaluation.dataset.train is False
+    clean = evaluation[0]["audio"]
+    assert torch.equal(clean, evaluation[0]["audio"])
+    assert not torch.equal(records[0]["audio"], clean)  # masked
+    assert records.train is True
+
+    class Plain(torch.utils.data.Dataset):  # says nothing about evaluation
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {"x": torch.zeros(1)}
+
+    with pytest.raises(TypeError, match="eval_mode"):
+        eval_mode(BadInputDataset(Plain()))

@@ -23,11 +23,17 @@ from pathlib import Path
 from imagebind_lite.cli import run_script
 from imagebind_lite.data.manifest import compute_sensor_stats, load_records, parse_key_values
 from imagebind_lite.data.transforms import STATS_FILE, write_stats
+from imagebind_lite.registry import get_modality, list_modalities
+
+
+def modalities_with_stats() -> list[str]:
+    """The modalities normalised by training-set statistics (``ModalitySpec.stats_options``)."""
+    return [m for m in list_modalities() if get_modality(m).stats_options is not None]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modality", required=True, choices=["depth", "thermal"])
+    parser.add_argument("--modality", required=True, choices=modalities_with_stats())
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="CSV or JSONL manifest (relative to --root or cwd)")
     source.add_argument("--layout", help="a standard layout: sunrgbd, nyud, llvip")

@@ -57,9 +57,10 @@ vggsound drop by default (downloads always lack some videos; the count is in the
 info), the others keep them so that the bad-input policy reports them. ``require=`` names the
 files a record needs (default: the layout's primary modality).
 
-Registered training datasets (``data.dataset=NAME``, ``data.root=ROOT``) pair RGB with the
-modality: ``audioset`` and ``vggsound`` (frame + audio), ``sunrgbd`` and ``nyud`` (RGB + depth),
-``llvip`` (RGB + thermal, whole frames for training, person/background crops for evaluation).
+Registered training datasets (``data.dataset=NAME``, ``data.root=ROOT``; built in
+``data/layout_datasets.py``) pair RGB with the modality: ``audioset`` and ``vggsound`` (frame +
+audio), ``sunrgbd`` and ``nyud`` (RGB + depth), ``llvip`` (RGB + thermal, whole frames for
+training, person/background crops for evaluation).
 Options: ``train_split``, ``eval_split`` (null: no evaluation; SUN RGB-D without its split
 file is refused unless both are null, which trains on every frame), ``layout_options`` (passed to
 ``read_layout``), ``eval_layout``/``eval_root``/``eval_layout_options`` (evaluate on another
@@ -82,9 +83,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
+from .depth import NYU_FX, SENSOR_BASELINES, resolve_baseline, sensor_of
+
 AUDIO_EXTS = (".flac", ".wav", ".ogg", ".mp3")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# SUN RGB-D's depth folders of a frame: hole-filled maps, raw maps.
+SUNRGBD_DEPTH_FOLDERS = ("depth_bfx", "depth")
 
 
 @dataclass
@@ -477,9 +484,7 @@ def _sunrgbd(
     classnames=None,
     missing: str = "keep",
 ):
-    from .depth import resolve_baseline, sensor_of
-
-    if depth not in ("depth_bfx", "depth"):
+    if depth not in SUNRGBD_DEPTH_FOLDERS:
         raise ValueError(f"sunrgbd: depth must be depth_bfx or depth, got {depth!r}")
     split = None if split == "all" else split
     splits, split_source = _sunrgbd_splits(root, split_file)
@@ -489,7 +494,7 @@ def _sunrgbd(
     records, dropped = [], 0
     for folder, dirs, _ in os.walk(root, followlinks=False):
         dirs.sort()
-        if "image" not in dirs or not ({"depth", "depth_bfx"} & set(dirs)):
+        if "image" not in dirs or not (set(SUNRGBD_DEPTH_FOLDERS) & set(dirs)):
             continue
         dirs[:] = []  # a frame folder holds no further frames
         scene_dir = Path(folder)
@@ -530,8 +535,6 @@ def _nyud(
     fx: float | None = None,
     missing: str = "keep",
 ):
-    from .depth import NYU_FX, SENSOR_BASELINES
-
     splits = [split] if split else sorted(p.name for p in root.iterdir() if p.is_dir())
     records, dropped = [], 0
     for name in splits:
@@ -642,8 +645,6 @@ def _llvip(
             continue
         objects, wh = _voc_objects(xml)
         if wh is None:
-            from PIL import Image
-
             with Image.open(image) as im:
                 wh = im.size
         width, height = wh
@@ -690,125 +691,3 @@ def _llvip(
         )
     classnames = None if crops == "none" else ["background", "person"]
     return records, classnames, {"no_annotation": no_annotation, "dropped_missing": dropped}
-
-
-# --------------------------------------------------------------------------------------------
-# Training datasets on the layouts
-
-
-@dataclass
-class _LayoutDataset:
-    modality: str
-    # "per_split": read the layout once per split; "filter": read everything, split by record.
-    mode: str
-    train_split: str | None
-    eval_split: str | None
-    train_options: dict = field(default_factory=dict)
-    eval_options: dict = field(default_factory=dict)
-
-
-LAYOUT_DATASETS = {
-    "audioset": _LayoutDataset(
-        "audio",
-        "per_split",
-        "balanced_train",
-        "eval",
-        {"require": ("audio", "vision")},
-        {"require": ("audio", "vision")},
-    ),
-    "vggsound": _LayoutDataset(
-        "audio", "filter", "train", "test", {"require": ("audio", "vision")}
-    ),
-    "sunrgbd": _LayoutDataset("depth", "filter", "train", "test"),
-    "nyud": _LayoutDataset("depth", "filter", "train", "test"),
-    "llvip": _LayoutDataset(
-        "thermal", "per_split", "train", "test", {"crops": "none"}, {"crops": "both"}
-    ),
-}
-
-
-def build_layout_dataset(name: str, cfg, anchor, spec):
-    from .manifest import build_from_records
-
-    setup = LAYOUT_DATASETS[name]
-    opts = cfg.data.options
-    if not cfg.data.root:
-        raise ValueError(f"dataset {name}: set data.root to the dataset folder")
-    if spec.name != setup.modality:
-        raise ValueError(f"dataset {name} pairs RGB with {setup.modality}, not {spec.name!r}")
-    root = Path(cfg.data.root)
-    common = dict(opts.get("layout_options") or {})
-    train_split = opts.get("train_split", setup.train_split)
-    eval_split = opts.get("eval_split", setup.eval_split)
-    info: dict = {"layout": name}
-    classnames = opts.get("classnames")
-    extra = {"classnames": classnames} if classnames and name in ("sunrgbd", "nyud") else {}
-    if setup.mode == "per_split":
-        train, names, i = read_layout_info(
-            name, root, split=train_split, **{**setup.train_options, **extra, **common}
-        )
-        info["train_dropped_missing"] = i.get("dropped_missing", 0)
-        evaluation, eval_names = [], None
-        if eval_split and not opts.get("eval_layout"):
-            evaluation, eval_names, i = read_layout_info(
-                name, root, split=eval_split, **{**setup.eval_options, **extra, **common}
-            )
-            info["eval_dropped_missing"] = i.get("dropped_missing", 0)
-        names = eval_names or names
-    else:
-        everything, names, i = read_layout_info(
-            name, root, **{**setup.train_options, **extra, **common}
-        )
-        info.update({k: v for k, v in i.items() if v is not None})
-        if name == "sunrgbd" and not i.get("split_source") and (train_split or eval_split):
-            asked = f"data.options train_split={train_split!r}, eval_split={eval_split!r}"
-            raise MissingSplitFile(
-                sunrgbd_missing_split(
-                    root, asked, "data.options={train_split: null, eval_split: null}"
-                )
-            )
-        if any(r.split is not None for r in everything):
-            train = [r for r in everything if r.split == train_split]
-            evaluation = [r for r in everything if eval_split and r.split == eval_split]
-            info.update(train_split=train_split, eval_split=eval_split)
-        else:
-            train, evaluation = everything, []
-            info["split"] = "none found: every record trains, no evaluation"
-    eval_root = root
-    if opts.get("eval_layout"):
-        eval_root = Path(opts.get("eval_root") or root)
-        evaluation, names, _ = read_layout_info(
-            opts["eval_layout"], eval_root, **(opts.get("eval_layout_options") or {})
-        )
-        info.update(eval_layout=opts["eval_layout"], eval_root=str(eval_root))
-    if classnames:
-        names = list(classnames)
-    if evaluation and any(isinstance(r.label, list) for r in evaluation):
-        # Multi-label (AudioSet): top-1 accuracy is undefined; the loop falls back to retrieval.
-        names = None
-    return build_from_records(
-        cfg,
-        anchor,
-        spec,
-        root,
-        train,
-        evaluation,
-        names,
-        opts.get("templates"),
-        info,
-        f"{name} at {root}",
-        f"--layout {name}",
-        eval_root=eval_root,
-    )
-
-
-def _register_layout_datasets() -> None:
-    from .datasets import register_dataset
-
-    for name in LAYOUT_DATASETS:
-        register_dataset(name)(
-            lambda cfg, anchor, spec, _n=name: build_layout_dataset(_n, cfg, anchor, spec)
-        )
-
-
-_register_layout_datasets()

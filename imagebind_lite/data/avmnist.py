@@ -9,6 +9,7 @@ audio encoder sees images only through the frozen anchor and never sees text.
 
 from __future__ import annotations
 
+import copy
 import gzip
 from pathlib import Path
 
@@ -167,6 +168,13 @@ class PairedAudioImages(EpochRandom, Dataset):
         image = self.images[pick].squeeze(0)
         return {"vision": image, self.modality: feats, "label": label, "id": self.ids[index]}
 
+    def eval_mode(self) -> PairedAudioImages:
+        """The clips as recorded: no warp, time shift or augmentation (the image pairing is
+        still drawn per read, from the frozen epoch's generator)."""
+        view = copy.copy(self)
+        view.augment, view.max_shift, view.warp = None, 0, (0.0, 0.0)
+        return view
+
     def use_anchor_views(self, views: int | None) -> None:
         self.anchor_views = views
 
@@ -184,6 +192,9 @@ class ClipSet(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def eval_mode(self) -> ClipSet:
+        return self  # fixed clips, nothing random
+
     def __getitem__(self, index: int) -> dict:
         return {
             self.modality: self.features[index],
@@ -192,10 +203,9 @@ class ClipSet(Dataset):
         }
 
 
-@register_dataset("avmnist")
+# The clips are FSDD recordings read as fbank features (``valid_frames`` counts their frames).
+@register_dataset("avmnist", modalities=("audio",))
 def build_avmnist(cfg, anchor, spec) -> DatasetBundle:
-    if spec.name != "audio":
-        raise ValueError(f"dataset avmnist pairs images with audio, not {spec.name!r}")
     root = Path(cfg.data.root) if cfg.data.root else DEFAULT_ROOT
     test_speakers = tuple(cfg.data.options.get("test_speakers", DEFAULT_TEST_SPEAKERS))
     unknown = set(test_speakers) - set(SPEAKERS)
@@ -228,7 +238,7 @@ def build_avmnist(cfg, anchor, spec) -> DatasetBundle:
         tr_ids,
         pixels[train_images],
         image_labels[train_images],
-        "audio",
+        spec.name,
         augment,
         seed=cfg.seed,
         # Rows of the whole digit table: stable anchor-cache keys whatever the split.
@@ -240,7 +250,7 @@ def build_avmnist(cfg, anchor, spec) -> DatasetBundle:
             float(cfg.data.options.get("time_warp", 0)),
         ),
     )
-    test = ClipSet(*subset(is_test)[:3], "audio")
+    test = ClipSet(*subset(is_test)[:3], spec.name)
     return DatasetBundle(
         train=train,
         eval=test,

@@ -37,6 +37,7 @@ swallowed.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -46,9 +47,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .datasets import BadSample, EpochRandom
+from .datasets import BadSample, EpochRandom, eval_mode
 
 REASONS = ("missing", "empty", "unreadable", "silent", "nan", "wrong_shape", "outside_root")
 POLICIES = ("skip", "raise")
@@ -103,8 +105,6 @@ def open_stream(source: Source) -> BinaryIO:
 
 def open_image(source: Source):
     """A fully decoded PIL image. Truncated or undecodable data is ``unreadable``."""
-    from PIL import Image, UnidentifiedImageError
-
     data = read_bytes(source)
     try:
         image = Image.open(io.BytesIO(data))
@@ -184,6 +184,14 @@ class BadInputDataset(EpochRandom, Dataset):
         self.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+    def eval_mode(self) -> BadInputDataset:
+        """The same policy over the inner dataset's evaluation mode. Replacements are still
+        drawn and counted (into the same ``counts``); bad indices are remembered afresh."""
+        view = copy.copy(self)
+        view.dataset = eval_mode(self.dataset)
+        view._known_bad = {}
+        return view
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -1,19 +1,42 @@
-"""The dataset registry: a name in ``data.dataset`` -> a builder returning a ``DatasetBundle``.
+"""What every dataset shares: the bundle a builder returns, bad samples, per-sample randomness,
+the evaluation mode, and batching. A leaf of the data layer (it imports only the dataset
+registry, whose names it re-exports: ``register_dataset``, ``get_dataset_builder``,
+``list_datasets``).
 
 Every training sample is a dict: ``"vision"`` (the paired image, already in the anchor's input
 form), the trained modality's tensor under its own name, ``"label"`` (int, -1 when unlabelled)
 and ``"id"`` (a stable sample id, the key of the anchor cache). Evaluation samples carry the
 modality tensor, ``"label"`` and ``"id"``, and optionally ``"vision"``.
+
+Evaluation mode. Every dataset class implements ``eval_mode() -> Dataset``: the same samples as
+evaluation reads them (no augmentation; no random flip, shift, warp or crop: centre crops), as a
+new object that shares the data and leaves the dataset itself as it was, so a training split can
+be embedded for a probe while it keeps training. A dataset without training randomness returns
+itself; a wrapper returns a wrapper of its inner dataset's evaluation mode. Call it through
+:func:`eval_mode`, which refuses a dataset that does not say how.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
+
+from .registry import dataset_modalities, get_dataset_builder, list_datasets, register_dataset
+
+__all__ = [
+    "BadSample",
+    "DatasetBundle",
+    "EpochRandom",
+    "collate",
+    "dataset_modalities",
+    "eval_mode",
+    "get_dataset_builder",
+    "list_datasets",
+    "register_dataset",
+]
 
 
 @dataclass
@@ -23,30 +46,6 @@ class DatasetBundle:
     classnames: list[str] | None = None  # zero-shot classification; None means retrieval only
     templates: list[str] | None = None  # prompt templates with one "{}" for the class name
     info: dict = field(default_factory=dict)  # split rules, sizes: written to metrics.json
-
-
-_DATASETS: dict[str, Callable] = {}
-
-
-def register_dataset(name: str):
-    def wrap(builder: Callable) -> Callable:
-        _DATASETS[name] = builder
-        return builder
-
-    return wrap
-
-
-def get_dataset_builder(name: str) -> Callable:
-    try:
-        return _DATASETS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown dataset {name!r}; registered: {', '.join(sorted(_DATASETS))}"
-        ) from None
-
-
-def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
 
 
 class BadSample(ValueError):
@@ -73,6 +72,18 @@ class EpochRandom:
         )
 
 
+def eval_mode(dataset) -> Dataset:
+    """``dataset.eval_mode()``: the dataset's samples as evaluation reads them (see above)."""
+    method = getattr(dataset, "eval_mode", None)
+    if not callable(method):
+        raise TypeError(
+            f"{type(dataset).__name__} has no eval_mode(): a dataset says how it is read for "
+            f"evaluation (no augmentation, no random pairing draws that change the input) by "
+            f"returning such a view of itself (imagebind_lite/data/datasets.py)"
+        )
+    return method()
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors, keep ids as a list, and sum the skip counters of replaced samples."""
     batch: dict = {}
@@ -91,7 +102,3 @@ def collate(samples: list[dict]) -> dict:
             batch[key] = values
     batch["skipped"] = dict(skipped)
     return batch
-
-
-# Built-in datasets register themselves on import.
-from . import adapters, avmnist, manifest, scenes, shards  # noqa: E402,F401

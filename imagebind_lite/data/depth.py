@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# A module import: datasets.py may be importing bad_input when it registers its datasets.
 from . import bad_input as bi
 from .datasets import BadSample
 from .transforms import sensor_augment, sensor_eval_input, sensor_normaliser
@@ -199,7 +198,7 @@ def depth_input(
         raise ValueError(f"depth representation must be one of {REPRESENTATIONS}")
     depth = read_depth(source, layout, float(max_depth), int(min_size))
     valid = depth > 0
-    if representation == "depth":
+    if representation != "disparity":  # metres, for ablations
         return depth, valid
     if fx is None:
         if intrinsics is None and not isinstance(source, bi.Blob):
@@ -225,7 +224,7 @@ def conversion_options(options: dict) -> dict:
     merged = {**DEFAULTS, **options}
     out = {k: merged[k] for k in STATS_KEYS}
     out["max_depth"] = float(out["max_depth"])
-    if out["representation"] == "depth":
+    if out["representation"] != "disparity":  # metres: no baseline involved
         out.pop("baseline")
     return out
 

@@ -29,16 +29,19 @@ Options: ``manifest`` (required), ``eval_manifest``, ``train_split``/``eval_spli
 others train), ``classnames``, ``templates``, ``stats`` (depth/thermal statistics file, default
 ``ROOT/stats.json``), ``max_consecutive_bad`` (50), ``max_logged_bad`` (20).
 
-Samples: vision is the anchor's input form. For depth and thermal the RGB image and the sensor
-image are loaded together and cropped/flipped identically (``transforms.PairedTransform``), the
-sensor side normalised by the training-set statistics (which are also written into
+Samples: vision is the anchor's input form. A modality whose spec has ``read_aligned`` (depth,
+thermal: an image aligned with the RGB frame) is loaded together with the RGB image and both are
+cropped/flipped identically (``transforms.PairedTransform``), the sensor side standardised by the
+spec's ``normaliser`` with the training-set statistics (``stats_options``; also written into
 ``data.preprocess`` so the saved model carries them). Any other modality goes through its spec's
-``load(path, **preprocess)`` and, in training, ``augment``; vision through ``anchor.preprocess``.
+``load_source(source, preprocess)`` when it has one (audio: bad-input reasons, silence), else
+``load(path, **preprocess)``, and, in training, ``augment``; vision through ``anchor.preprocess``.
 Every sample passes the bad-input policy of ``data.bad_input`` (``bad_input.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -49,31 +52,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
+import yaml
 from torch.utils.data import Dataset
 
-# Module imports (not names): datasets.py imports this module while registering, possibly in
-# the middle of importing one of these; their attributes are only needed at call time.
+from ..registry import get_modality, list_modalities
 from . import audio as audio_data
 from . import bad_input as bi
-from . import depth as depth_data
-from . import thermal as thermal_data
-from .adapters import Record
+from .adapters import Record, read_layout
 from .datasets import BadSample, DatasetBundle, EpochRandom, register_dataset
 from .transforms import (
     FULL_BOX,
     STATS_FILE,
     PairedTransform,
+    RunningStats,
     pixel_box_to_relative,
     read_stats,
-    sensor_normaliser,
     stats_command,
 )
 
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 CLASSES_FILE = "classes.txt"
 EXTRA_PATHS = ("intrinsics",)
-SENSORS = ("depth", "thermal")
 _FIELDS = ("id", "label", "caption", "captions", "split", "fold")
 
 
@@ -181,8 +181,6 @@ def rows_to_records(
     where: str = "manifest",
 ) -> tuple[list[Record], list[str] | None]:
     """Manifest rows -> (records with paths under ``root``, class names)."""
-    from ..modalities import list_modalities
-
     root = Path(root)
     path_keys = set(modalities or list_modalities()) | set(EXTRA_PATHS)
     raw = [_raw_labels(row.get("label")) for row in rows]
@@ -280,8 +278,6 @@ def read_waveform(source: bi.Source) -> tuple[torch.Tensor, int]:
             return audio_data.read_audio(source)
         except audio_data.AudioReadError as err:
             raise BadSample(_audio_reason(str(err)), str(err)) from None
-    import soundfile as sf
-
     data = bi.read_bytes(source)
     try:
         array, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
@@ -294,19 +290,16 @@ def read_waveform(source: bi.Source) -> tuple[torch.Tensor, int]:
 
 
 def sensor_values(modality: str, sources: dict, meta: dict, options: dict):
-    """Depth/thermal raw values [1,H,W] and validity mask (or None) of one record, with the
-    record's own ``fx``, ``baseline`` and depth ``layout`` overriding the options."""
-    if modality == "depth":
-        options = {
-            **options,
-            **{k: meta[k] for k in ("fx", "baseline", "layout") if meta.get(k) is not None},
-        }
-        return depth_data.depth_input(
-            sources["depth"], intrinsics=sources.get("intrinsics"), **options
+    """The raw values [1,H,W] and validity mask (or None) of one record's image aligned with
+    the RGB frame (``ModalitySpec.read_aligned``: depth, thermal), with the record's own
+    options (depth: ``fx``, ``baseline``, ``layout``) overriding ``options``."""
+    spec = get_modality(modality)
+    if spec.read_aligned is None:
+        aligned = [n for n in list_modalities() if get_modality(n).read_aligned is not None]
+        raise ValueError(
+            f"{modality!r} is not an image aligned with the RGB frame ({', '.join(aligned)})"
         )
-    if modality == "thermal":
-        return thermal_data.thermal_input(sources["thermal"], **options)
-    raise ValueError(f"{modality!r} is not a sensor image modality ({', '.join(SENSORS)})")
+    return spec.read_aligned(sources, meta, options)
 
 
 def compute_sensor_stats(
@@ -319,10 +312,10 @@ def compute_sensor_stats(
 ) -> dict:
     """Mean/std of the raw depth/thermal values of ``records`` (valid pixels only), for
     ``stats.json``. Bad files are left out and counted; ``max_files`` takes a seeded subset."""
-    from .transforms import RunningStats
-
-    module = depth_data if modality == "depth" else thermal_data
-    options = {**module.DEFAULTS, **(options or {})}
+    spec = get_modality(modality)
+    if spec.stats_options is None or spec.read_aligned is None:
+        raise ValueError(f"modality {modality!r} takes no training-set statistics")
+    options = {**spec.preprocess, **(options or {})}
     chosen = [r for r in records if modality in r.paths]
     if max_files is not None and len(chosen) > max_files:
         order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))
@@ -355,7 +348,7 @@ def compute_sensor_stats(
         "pixels": result["count"],
         "files": files,
         "skipped": skipped,
-        "options": module.conversion_options(options),
+        "options": spec.stats_options(options),
     }
 
 
@@ -373,8 +366,8 @@ class PairSampler:
         self.rgb_std = anchor.image_std.view(3, 1, 1).clone()
         self.min_size = int(self.preprocess.get("min_size", 8))
         self.paired = None
-        if self.modality in SENSORS:
-            self.normalise = sensor_normaliser(self.modality, self.preprocess)
+        if spec.read_aligned is not None:
+            self.normalise = spec.normaliser(self.preprocess) if spec.normaliser else None
             size = int(self.preprocess.get("image_size", 224))
             self.paired = PairedTransform(
                 self.rgb_size,
@@ -399,14 +392,11 @@ class PairSampler:
         return self.vision_transform(image.convert("RGB"))
 
     def _sensor(self, sources: dict, meta: dict):
-        return sensor_values(self.modality, sources, meta, self.preprocess)
+        return self.spec.read_aligned(sources, meta, self.preprocess)
 
     def _modality(self, source: bi.Source, train: bool, generator) -> torch.Tensor:
-        if self.modality == "audio":
-            wav, rate = read_waveform(source)
-            if audio_data.is_silent(wav):
-                raise BadSample("silent", f"{bi.source_name(source)}: all samples are zero")
-            x = audio_data.waveform_to_clips(wav, rate, self.preprocess)
+        if self.spec.load_source is not None:
+            x = self.spec.load_source(source, self.preprocess)
         else:
             x = self._spec_load(source)
         if train and self.spec.augment is not None:
@@ -497,6 +487,12 @@ class RecordDataset(EpochRandom, Dataset):
         # Every sample has the same keys (collate stacks them): with or without vision.
         self.keys = sampler.needs(vision or train)
 
+    def eval_mode(self) -> RecordDataset:
+        """The same records read as evaluation reads them: no augmentation, centre crops."""
+        view = copy.copy(self)
+        view.train = False
+        return view
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -523,11 +519,11 @@ class RecordDataset(EpochRandom, Dataset):
 
 
 def resolve_sensor_stats(cfg, spec, root: Path, source: str = "--manifest MANIFEST") -> dict:
-    """Depth/thermal: put the training-set mean/std into ``cfg.data.preprocess`` (explicit
-    values win) and return what was used, for ``DatasetBundle.info``."""
-    if spec.name not in SENSORS:
+    """A modality with training-set statistics (``ModalitySpec.stats_options``: depth,
+    thermal): put the mean/std into ``cfg.data.preprocess`` (explicit values win) and return
+    what was used, for ``DatasetBundle.info``."""
+    if spec.stats_options is None:
         return {}
-    module = depth_data if spec.name == "depth" else thermal_data
     pre = {**spec.preprocess, **cfg.data.preprocess}
     if pre.get("mean") is not None and pre.get("std") is not None:
         return {"mean": float(pre["mean"]), "std": float(pre["std"]), "source": "data.preprocess"}
@@ -536,7 +532,7 @@ def resolve_sensor_stats(cfg, spec, root: Path, source: str = "--manifest MANIFE
     if given and not path.is_absolute() and not path.exists():
         path = Path(root) / given
     entry = read_stats(
-        path, spec.name, module.conversion_options(pre), stats_command(spec.name, root, source)
+        path, spec.name, spec.stats_options(pre), stats_command(spec.name, root, source)
     )
     # Stored in the config's preprocess so that model/config.json (and evaluation) carries them.
     cfg.data.preprocess = {**cfg.data.preprocess, "mean": entry["mean"], "std": entry["std"]}
@@ -612,7 +608,7 @@ def build_from_records(
         train=train,
         eval=evaluation,
         classnames=classnames,
-        templates=list(templates or DEFAULT_TEMPLATES) if classnames else templates,
+        templates=list(templates or spec.templates) if classnames else templates,
         info=info,
     )
 
@@ -694,8 +690,6 @@ def load_records(
     """Records of a manifest or a layout for the data scripts -> (records, class names, the
     source as a command-line fragment). ``split`` keeps rows of that split when rows carry
     one (for a layout it is passed to ``read_layout``)."""
-    from .adapters import read_layout
-
     root = Path(root)
     if (manifest is None) == (layout is None):
         raise ValueError("give exactly one of a manifest or a layout")
@@ -714,8 +708,6 @@ def load_records(
 
 def parse_key_values(items: Sequence[str]) -> dict:
     """``["a=1", "b=[x, y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:

@@ -9,9 +9,12 @@ Real data pipelines (SUN RGB-D, NYU-D, LLVIP) live in the other data modules.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.data import Dataset
 
+from ..registry import get_modality, list_modalities
 from .datasets import DatasetBundle, EpochRandom, register_dataset
 
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
@@ -117,6 +120,12 @@ class SceneSet(EpochRandom, Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def eval_mode(self) -> SceneSet:
+        """The scenes as rendered: no random flip."""
+        view = copy.copy(self)
+        view.flip, view.max_anchor_views = False, 1
+        return view
+
     def use_anchor_views(self, views: int | None) -> None:
         self.anchor_views = views
 
@@ -157,12 +166,16 @@ class SceneSet(EpochRandom, Dataset):
         }
 
 
-def scene_modality_raw(scenes: dict, modality: str) -> torch.Tensor:
-    if modality == "depth":
-        return depth_to_disparity(scenes["depth"])
-    if modality == "thermal":
-        return scenes["thermal"]
-    raise ValueError(f"synthetic scenes render depth and thermal, not {modality!r}")
+def scene_modality_raw(scenes: dict, spec) -> torch.Tensor:
+    """The raw input of ``spec``'s modality in rendered scenes (``ModalitySpec.scene_input``)."""
+    if spec.scene_input is None:
+        rendered = [
+            n
+            for n in list_modalities(trainable_only=True)
+            if get_modality(n).scene_input is not None
+        ]
+        raise ValueError(f"synthetic scenes render {' and '.join(rendered)}, not {spec.name!r}")
+    return spec.scene_input(scenes)
 
 
 @register_dataset("synthetic_scenes")
@@ -173,12 +186,12 @@ def build_scenes(cfg, anchor, spec) -> DatasetBundle:
     for split, num, seed in (("train", opts["train_size"], 1), ("test", opts["test_size"], 2)):
         splits[split] = render_scenes(int(num), size=size, seed=seed)
     # Normalisation statistics come from the training split, never guessed.
-    train_raw = scene_modality_raw(splits["train"], spec.name)
+    train_raw = scene_modality_raw(splits["train"], spec)
     mean, std = float(train_raw.mean()), float(train_raw.std())
     bundles = []
     for split, scenes in splits.items():
         vision = anchor.normalize_pixels(scenes["rgb"])
-        data = (scene_modality_raw(scenes, spec.name) - mean) / std
+        data = (scene_modality_raw(scenes, spec) - mean) / std
         ids = [f"scene-{split}-{i}" for i in range(len(data))]
         bundles.append(
             SceneSet(vision, data, scenes["label"], spec.name, ids, split == "train", cfg.seed)

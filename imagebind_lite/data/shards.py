@@ -37,6 +37,7 @@ header scans survive across epochs.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import os
 import shutil
@@ -48,7 +49,6 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-# Module imports: datasets.py imports this module while registering datasets.
 from . import bad_input as bi
 from . import manifest as mf
 from .adapters import Record
@@ -228,6 +228,12 @@ class ShardDataset(EpochRandom, Dataset):
         self.vision = "vision" in self.index["keys"]
         self._pid = None
 
+    def eval_mode(self) -> ShardDataset:
+        """The same samples read as evaluation reads them (no augmentation, centre crops)."""
+        view = copy.copy(self)
+        view.train, view._pid = False, None  # its own file handles
+        return view
+
     def __len__(self) -> int:
         return self.index["num_samples"]
 
@@ -302,6 +308,13 @@ class ShardStream(EpochRandom, Dataset):
             ) from exn
         warnings.warn(f"{self.directory}: skipping unreadable tar data ({exn})", stacklevel=2)
         return True
+
+    def eval_mode(self) -> ShardStream:
+        """The stream's samples without augmentation (still resampled: a stream has no fixed
+        order), from a stream of its own."""
+        view = copy.copy(self)
+        view.train, view._stream_key, view._failures = False, None, 0
+        return view
 
     def __len__(self) -> int:
         return self.epoch_size
@@ -411,6 +424,6 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
         train=train,
         eval=evaluation,
         classnames=classnames,
-        templates=list(templates or mf.DEFAULT_TEMPLATES) if classnames else templates,
+        templates=list(templates or spec.templates) if classnames else templates,
         info=info,
     )

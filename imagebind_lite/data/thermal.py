@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# A module import: datasets.py may be importing bad_input when it registers its datasets.
 from . import bad_input as bi
 from .datasets import BadSample
 from .transforms import sensor_augment, sensor_eval_input, sensor_normaliser

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.avmnist import DIGIT_NAMES
-from ..data.scenes import SHAPES, _shape_masks, depth_to_disparity
+from ..data.scenes import SHAPES, _shape_masks
+from ..registry import TEXT_TOWER, anchor_tower_of, get_modality
 from .metrics import alignment_accuracy
+from .space import anchor_modalities
 
 OBJECTS = ["dog", "cat", "car", "bird", "chair", "apple", "tree", "house", "boat", "horse"]
 PLURALS = {"cross": "crosses", "box": "boxes", "bus": "buses"}
@@ -280,13 +282,12 @@ def _side_scenes(n: int, g: torch.Generator):
 
 
 def _embed_scenes(scenes: dict, modality: str, encode, normalisation: dict | None):
-    if modality == "vision":
-        x = scenes["rgb"]
-    else:
-        raw = depth_to_disparity(scenes["depth"]) if modality == "depth" else scenes["thermal"]
+    spec = get_modality(modality)
+    x = spec.scene_input(scenes)  # what the modality sees of a scene
+    if not spec.is_anchor:
         # The encoder saw its training data standardised; the rendered scenes must be too.
         stats = (normalisation or {}).get(modality) or {"mean": 0.0, "std": 1.0}
-        x = (raw - stats["mean"]) / stats["std"]
+        x = (x - stats["mean"]) / stats["std"]
     return torch.cat(
         [F.normalize(encode(x[i : i + 128]).float(), dim=-1).cpu() for i in range(0, len(x), 128)]
     )
@@ -301,8 +302,9 @@ def scene_probes(
     normalisation: dict | None = None,
 ) -> list[ProbeResult]:
     """Counting, spatial and control probes on rendered scenes, for every modality in
-    ``encoders`` (``vision`` takes normalised RGB; depth/thermal take the scenes' disparity /
-    intensity normalised by ``normalisation[modality]`` = {mean, std} of the run's data)."""
+    ``encoders``: each takes its ``ModalitySpec.scene_input`` of the scenes (vision: RGB in
+    [0, 1], which its encoder normalises; depth/thermal: disparity / intensity, standardised
+    here by ``normalisation[modality]`` = {mean, std} of the run's data)."""
     g = torch.Generator().manual_seed(seed)
     count_specs, count_texts = _count_scenes(num, g)
     side_specs, side_texts, control_texts = _side_scenes(num, g)
@@ -378,27 +380,29 @@ def run_probes(
 ) -> list[ProbeResult]:
     """Every probe that the space and the run's data allow: text probes always; digit probes
     on the digit-labelled collections of an AV-MNIST run (images and clips); scene probes for
-    vision and for a depth/thermal encoder of the space."""
+    the anchor's images and for every encoder of the space whose modality sees the synthetic
+    scenes (``ModalitySpec.scene_input``: depth, thermal)."""
     encode_text = space.anchor.encode_text
     results = []
     if run_info is not None and run_info.get("classnames") == DIGIT_NAMES and collections:
         for modality, coll in collections.items():
-            if modality != "text" and coll.labels is not None:
+            if anchor_tower_of(modality) != TEXT_TOWER and coll.labels is not None:
                 results += digit_probes(coll.embeddings, coll.labels, modality, encode_text, seed)
-    scene_encoders = {"vision": space.encoder_fn("vision")}
-    for modality in ("depth", "thermal"):
-        if modality in space.encoders:
-            scene_encoders[modality] = space.encoder_fn(modality)
-    size = space.anchor.image_size[0]
-    for modality in ("depth", "thermal"):
-        if modality in space.encoders:
-            size = int(space.preprocess(modality).get("image_size", size))
     anchor = space.anchor
 
     def vision(x):
         return anchor.encode_image(anchor.normalize_pixels(x))
 
-    scene_encoders["vision"] = vision
+    scene_encoders, size = {}, anchor.image_size[0]
+    for modality in [*anchor_modalities(), *sorted(space.encoders)]:
+        spec = get_modality(modality)
+        if spec.scene_input is None:
+            continue
+        if spec.is_anchor:
+            scene_encoders[modality] = vision
+        else:
+            scene_encoders[modality] = space.encoder_fn(modality)
+            size = int(space.preprocess(modality).get("image_size", size))
     results += scene_probes(scene_encoders, encode_text, num_scenes, size, seed, normalisation)
     results += text_probes(encode_text, threshold)
     return results

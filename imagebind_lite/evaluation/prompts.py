@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..data.avmnist import DIGIT_TEMPLATES
+from ..data.scenes import SHAPE_TEMPLATES
+
 IMAGENET_TEMPLATES = [
     "a bad photo of a {}.",
     "a photo of many {}.",
@@ -112,17 +115,6 @@ SOUND_TEMPLATES = [
 ]
 
 
-def _dataset_templates(name: str) -> list[str]:
-    # Imported lazily: the data package imports the modality registry, which is heavier.
-    if name == "digits":
-        from ..data.avmnist import DIGIT_TEMPLATES
-
-        return list(DIGIT_TEMPLATES)
-    from ..data.scenes import SHAPE_TEMPLATES
-
-    return list(SHAPE_TEMPLATES)
-
-
 TEMPLATE_SETS = {
     "imagenet": lambda: list(IMAGENET_TEMPLATES),
     "clip": lambda: list(IMAGENET_TEMPLATES),
@@ -130,8 +122,8 @@ TEMPLATE_SETS = {
     "plain": lambda: ["{}"],
     "photo": lambda: ["a photo of a {}."],
     "sound": lambda: list(SOUND_TEMPLATES),
-    "digits": lambda: _dataset_templates("digits"),
-    "shapes": lambda: _dataset_templates("shapes"),
+    "digits": lambda: list(DIGIT_TEMPLATES),
+    "shapes": lambda: list(SHAPE_TEMPLATES),
 }
 
 

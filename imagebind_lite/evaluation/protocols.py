@@ -27,8 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
+from ..checkpoint import ensure_modality
+from ..config import load_config
 from ..data.adapters import Record, read_layout
+from ..data.avmnist import DEFAULT_ROOT, digits_to_pixels, image_split, load_digit_images
+from ..data.bad_input import resolve_inside
+from ..data.datasets import BadSample, eval_mode, get_dataset_builder
+from ..data.manifest import PairSampler
+from ..registry import get_modality
 from .metrics import (
     chunked_retrieval_metrics,
     confusion_matrix,
@@ -380,21 +388,16 @@ def record_loader(
 ):
     """Index -> {key: model input} for ``keys`` (default: the modality alone).
 
-    Depth and thermal records with an RGB partner are read through the training pipeline's
-    ``PairSampler``: crop boxes (LLVIP person/background), intrinsics and the sensor's bit
-    layout are applied exactly as in training, centre-cropped for evaluation. Without a
-    partner the modality's own reader gets the record's intrinsics, fx, baseline and layout.
+    A modality aligned with the RGB frame (``ModalitySpec.read_aligned``: depth, thermal) is
+    read through the training pipeline's ``PairSampler`` in evaluation mode: the record's crop
+    box (LLVIP person/background), intrinsics, focal length, baseline and bit layout are applied
+    exactly as in training, centre-cropped, together with its RGB image when it has one (the
+    crop is then measured on the image, as in training).
     """
-    from ..data.bad_input import resolve_inside
-    from ..data.datasets import BadSample
-    from ..modalities import get_modality
-
     keys = tuple(keys or (modality,))
     root = Path(root)
     sampler = None
-    if modality in ("depth", "thermal"):
-        from ..data.manifest import PairSampler
-
+    if get_modality(modality).read_aligned is not None:
         sampler = PairSampler(get_modality(modality), space.preprocess(modality), space.anchor)
 
     def load(i: int) -> dict:
@@ -407,22 +410,9 @@ def record_loader(
             sources[key] = resolve_inside(root, record.paths[key])
         if record.paths.get("intrinsics") is not None:
             sources["intrinsics"] = resolve_inside(root, record.paths["intrinsics"])
-        if paired:
+        if sampler is not None:
             out = sampler(sources, record.meta, False, None)
             return {k: out[k] for k in keys}
-        if sampler is not None:
-            options = {
-                **space.preprocess(modality),
-                **{
-                    k: record.meta[k]
-                    for k in ("fx", "baseline", "layout")
-                    if record.meta.get(k) is not None
-                },
-            }
-            if modality == "depth" and "intrinsics" in sources:
-                options["intrinsics"] = sources["intrinsics"]
-            spec = get_modality(modality)
-            return {modality: torch.as_tensor(spec.load(sources[modality], **options))}
         return {k: space.load_file(sources[k], k) for k in keys}
 
     return load
@@ -667,8 +657,6 @@ def format_table(result: dict) -> str:
 
 
 def load_run_config(run_dir: str | Path):
-    from ..config import load_config
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -678,10 +666,6 @@ def load_run_config(run_dir: str | Path):
 def run_bundle(run_dir: str | Path, anchor):
     """The dataset of a saved run, rebuilt from its ``config.yaml`` -> (config, bundle). A
     modality defined by the run's own code must already be loaded (``load_run(trust_code)``)."""
-    from ..checkpoint import ensure_modality
-    from ..data.datasets import get_dataset_builder
-    from ..modalities import get_modality
-
     cfg = load_run_config(run_dir)
     ensure_modality(cfg.modality, cfg.modality_file, Path(run_dir))
     bundle = get_dataset_builder(cfg.data.dataset)(cfg, anchor, get_modality(cfg.modality))
@@ -712,8 +696,6 @@ class Collection:
 
 
 def _avmnist_images(cfg, space: Space) -> Collection:
-    from ..data.avmnist import DEFAULT_ROOT, digits_to_pixels, image_split, load_digit_images
-
     images, labels = load_digit_images(Path(cfg.data.root) if cfg.data.root else DEFAULT_ROOT)
     # The images held out of the anchor's fine-tuning, as the audio test speakers are held out.
     held = ~image_split(len(images))
@@ -742,10 +724,11 @@ def run_collections(
 ) -> tuple[dict, dict]:
     """Embed a run's evaluation split -> ({modality: Collection}, info). The run's modality,
     the paired image when samples carry one (else a dataset's extra gallery), and the class
-    prompts as a ``text`` collection. ``built``: a (config, bundle) from ``run_bundle``."""
+    prompts as a ``text`` collection. ``built``: a (config, bundle) from ``run_bundle``.
+    The split is read in its evaluation mode (``data.datasets.eval_mode``)."""
     cfg, bundle = built or run_bundle(run_dir, space.anchor)
     modality = cfg.modality
-    dataset = bundle.eval
+    dataset = eval_mode(bundle.eval)
     first = dataset[0]
     keys = [modality] + (["vision"] if "vision" in first else [])
     encoders = {k: space.encoder_fn(k) for k in keys}
@@ -893,8 +876,8 @@ def record_collections(
             if k not in colls:
                 colls[k] = Collection(k, part, list(kept_ids), labels, list(kept_ids))
 
-    for modality in [m for m in wanted if m not in ("vision", "text")]:
-        pair_vision = modality in ("depth", "thermal") and "vision" in wanted
+    for modality in [m for m in wanted if not get_modality(m).is_anchor]:
+        pair_vision = get_modality(modality).read_aligned is not None and "vision" in wanted
         embed_pass(modality, (modality, "vision") if pair_vision else (modality,))
     if "vision" in wanted and "vision" not in colls:
         embed_pass("vision", ("vision",))
@@ -997,33 +980,6 @@ def format_retrieval(results: dict, ks: Sequence[int] = (1, 5, 10)) -> str:
 # ------------------------------------------------------------------------ training split
 
 
-_AUGMENTATION_SWITCHES = {"augment": None, "flip": False, "train": False, "max_shift": 0}
-
-
-class eval_view:
-    """Within the block, a training dataset yields evaluation-time samples (augmentation,
-    random flips and shifts off), so that a probe trains on the view it is tested on."""
-
-    def __init__(self, dataset):
-        self.targets, self.saved = [], []
-        while dataset is not None:
-            self.targets.append(dataset)
-            dataset = getattr(dataset, "dataset", None)
-
-    def __enter__(self):
-        for target in self.targets:
-            for name, off in _AUGMENTATION_SWITCHES.items():
-                if hasattr(target, name) and not callable(getattr(type(target), name, None)):
-                    self.saved.append((target, name, getattr(target, name)))
-                    setattr(target, name, off)
-        return self
-
-    def __exit__(self, *exc):
-        for target, name, value in reversed(self.saved):
-            setattr(target, name, value)
-        return False
-
-
 def run_train_collection(
     space: Space,
     run_dir: str | Path,
@@ -1032,29 +988,30 @@ def run_train_collection(
     num_workers: int = 0,
     built: tuple | None = None,
 ):
-    """The run's training split in its modality, without augmentation -> (Collection, class
-    names). ``built``: a (config, bundle) from ``run_bundle``, to build the data once."""
+    """The run's training split in its modality, in its evaluation mode (no augmentation, no
+    random flip, shift or warp: ``data.datasets.eval_mode``), so that a probe trains on the view
+    it is tested on -> (Collection, class names). ``built``: a (config, bundle) from
+    ``run_bundle``, to build the data once."""
     cfg, bundle = built or run_bundle(run_dir, space.anchor)
     modality = cfg.modality
-    dataset = bundle.train
+    dataset = eval_mode(bundle.train)
 
     def load(i: int) -> dict:
         sample = dataset[i]
         return {modality: sample[modality], "id": str(sample["id"]), "label": sample["label"]}
 
-    with eval_view(dataset):
-        out = embed_stream(
-            {modality: space.encoder_fn(modality)},
-            len(dataset),
-            load,
-            batch_size,
-            num_workers,
-            progress,
-            f"embed train {modality}",
-            True,
-            space.device,
-            extras=("id", "label"),
-        )
+    out = embed_stream(
+        {modality: space.encoder_fn(modality)},
+        len(dataset),
+        load,
+        batch_size,
+        num_workers,
+        progress,
+        f"embed train {modality}",
+        True,
+        space.device,
+        extras=("id", "label"),
+    )
     labels = [int(x) for x in out.extras["label"]]
     return Collection(
         modality, out.embeddings[modality], out.extras["id"], labels, out.extras["id"]
@@ -1063,8 +1020,6 @@ def run_train_collection(
 
 def parse_options(pairs: Sequence[str]) -> dict:
     """``KEY=VALUE`` strings (values parsed as YAML) -> dict, for layout options."""
-    import yaml
-
     out = {}
     for text in pairs:
         key, sep, value = text.partition("=")

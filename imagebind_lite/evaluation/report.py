@@ -19,7 +19,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..registry import IMAGE_TOWER, TEXT_TOWER, anchor_tower_of, get_modality
+from .linear_probe import linear_probe
 from .metrics import alignment, modality_gap, uniformity
+from .probes import as_dicts, format_probe_table, run_probes
+from .protocols import (
+    cross_modal_retrieval,
+    evaluate_run,
+    run_bundle,
+    run_collections,
+    run_train_collection,
+)
 
 
 def _plain(value):
@@ -169,6 +179,15 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) @ v[:, :2]
 
 
+# (marker, size, edge colour) by anchor tower: class prompts large stars, images squares,
+# a trained modality's items dots.
+_PROJECTION_STYLE = {
+    TEXT_TOWER: ("*", 60, "black"),
+    IMAGE_TOWER: ("s", 8, "none"),
+    None: ("o", 8, "none"),
+}
+
+
 def plot_projection(
     collections: dict,
     classnames: Sequence[str] | None,
@@ -188,15 +207,15 @@ def plot_projection(
         mods += [name] * len(pick)
         labels += [coll.labels[i] for i in pick.tolist()] if coll.labels else [-1] * len(pick)
     xy = pca_2d(torch.cat(parts)).numpy()
-    markers = {"text": "*", "vision": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for i, name in enumerate(collections):
         sel = [j for j, m in enumerate(mods) if m == name]
+        marker, size, edge = _PROJECTION_STYLE[anchor_tower_of(name)]
         axes[0].scatter(
             xy[sel, 0],
             xy[sel, 1],
-            s=60 if name == "text" else 8,
-            marker=markers.get(name, "o"),
+            s=size,
+            marker=marker,
             label=name,
             alpha=0.7,
             color=f"C{i}",
@@ -207,14 +226,15 @@ def plot_projection(
     for name in collections:
         sel = [j for j, m in enumerate(mods) if m == name]
         colours = [cmap(labels[j] % cmap.N) if labels[j] >= 0 else (0.5, 0.5, 0.5, 1) for j in sel]
+        marker, size, edge = _PROJECTION_STYLE[anchor_tower_of(name)]
         axes[1].scatter(
             xy[sel, 0],
             xy[sel, 1],
             c=colours,
-            s=60 if name == "text" else 8,
-            marker=markers.get(name, "o"),
+            s=size,
+            marker=marker,
             alpha=0.7,
-            edgecolors="black" if name == "text" else "none",
+            edgecolors=edge,
         )
     if classnames:
         for c, cname in enumerate(classnames[: cmap.N]):
@@ -340,16 +360,6 @@ def build_report(
     seeds: int = 2,
 ) -> dict:
     """Evaluate the run and write ``out_dir`` (default ``RUN/report``). Returns the metrics."""
-    from .linear_probe import linear_probe
-    from .probes import as_dicts, format_probe_table, run_probes
-    from .protocols import (
-        cross_modal_retrieval,
-        evaluate_run,
-        run_bundle,
-        run_collections,
-        run_train_collection,
-    )
-
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -576,8 +586,10 @@ def build_report(
 
 
 def run_normalisation(run_dir: Path, space, modality: str) -> dict:
-    """Depth/thermal statistics the run's data were standardised with (for rendered probes)."""
-    if modality not in ("depth", "thermal"):
+    """The statistics the run's data were standardised with, for a modality the rendered probe
+    scenes are given to (``ModalitySpec.scene_input``: depth, thermal)."""
+    spec = get_modality(modality)
+    if spec.scene_input is None or spec.is_anchor:
         return {}
     saved = run_dir / "metrics.json"
     if saved.is_file():

@@ -6,8 +6,9 @@ through the encoder of a run (``Space.from_runs``). Inputs are named as strings:
 ``text:a dog barking``     a text
 ``depth:frame.png``        a file read as the named modality (needed where the extension is
                            ambiguous: a depth or thermal PNG is otherwise read as an RGB image)
-``clip.wav``               a file, its modality from the extension (images -> vision,
-                           audio -> audio, ``.txt`` -> text: the whole file is one text)
+``clip.wav``               a file, its modality from the extension (a spec's ``extensions``:
+                           images -> vision, audio -> audio, ``.txt`` -> text: the whole file
+                           is one text)
 
 Embeddings stream in batches (a ``DataLoader`` with a progress bar; only the [N, D] result is
 kept) and are saved as safetensors (tensor ``embeddings``) beside a JSON list of the items
@@ -25,18 +26,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..anchor import Anchor
+from ..checkpoint import load_run
+from ..config import AnchorConfig
+from ..registry import (
+    IMAGE_TOWER,
+    TEXT_TOWER,
+    anchor_tower_of,
+    get_modality,
+    list_modalities,
+    modality_of_suffix,
+    resolve_alias,
+)
 from .metrics import chunked_topk
 
 EMBEDDINGS_FORMAT = "imagebind_lite.embeddings/1"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"}
-TEXT_EXTS = {".txt"}
-ANCHOR_MODALITIES = ("vision", "text")
-ALIASES = {"image": "vision", "rgb": "vision"}
 
 
 class SpaceError(ValueError):
@@ -46,33 +55,31 @@ class SpaceError(ValueError):
 # ------------------------------------------------------------------------------------ inputs
 
 
+def anchor_modalities() -> list[str]:
+    """The anchor's own modalities (image and text towers), in registration order."""
+    return [n for n in list_modalities() if get_modality(n).is_anchor]
+
+
 def modality_of(path: str | Path) -> str:
     ext = Path(path).suffix.lower()
-    if ext in IMAGE_EXTS:
-        return "vision"
-    if ext in AUDIO_EXTS:
-        return "audio"
-    if ext in TEXT_EXTS:
-        return "text"
-    raise SpaceError(
-        f"{path}: cannot tell the modality from {ext or 'no extension'!r}; "
-        "name it (--modality M, or M:PATH)"
-    )
+    found = modality_of_suffix(ext)
+    if found is None:
+        raise SpaceError(
+            f"{path}: cannot tell the modality from {ext or 'no extension'!r}; "
+            "name it (--modality M, or M:PATH)"
+        )
+    return found
 
 
 def parse_input(spec: str, modality: str | None = None) -> tuple[str, str]:
     """``text:...`` / ``MODALITY:PATH`` / ``PATH`` -> (modality, text or path)."""
     head, sep, rest = spec.partition(":")
     if sep and head:
-        name = ALIASES.get(head.lower(), head.lower())
-        if name == "text":
-            return "text", rest
-        from ..modalities import list_modalities
-
-        if name in ANCHOR_MODALITIES or name in list_modalities():
+        name = resolve_alias(head)
+        if name in list_modalities():
             return name, rest
     if modality is not None:
-        return ALIASES.get(modality, modality), spec
+        return resolve_alias(modality), spec
     if not Path(spec).exists():
         raise SpaceError(f"{spec}: no such file (write text as 'text:{spec}')")
     return modality_of(spec), spec
@@ -81,16 +88,16 @@ def parse_input(spec: str, modality: str | None = None) -> tuple[str, str]:
 def expand_paths(inputs: Sequence[str | Path], modality: str | None = None) -> list[Path]:
     """Files and folders (searched recursively, sorted) -> files; in a folder only the files
     of the wanted modality's extensions (any file when the modality has no known extension)."""
-    wanted = {"vision": IMAGE_EXTS, "audio": AUDIO_EXTS, "text": TEXT_EXTS}
+    if modality:
+        exts = set(get_modality(modality).extensions) if modality in list_modalities() else set()
+    else:
+        exts = {e for n in list_modalities() for e in get_modality(n).extensions}
     out = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            exts = wanted.get(modality) if modality else IMAGE_EXTS | AUDIO_EXTS | TEXT_EXTS
             out += sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and (exts is None or p.suffix.lower() in exts)
+                p for p in path.rglob("*") if p.is_file() and (not exts or p.suffix.lower() in exts)
             )
         elif path.is_file():
             out.append(path)
@@ -291,8 +298,6 @@ class Space:
     ) -> Space:
         """Load each run's encoder; every run must share one anchor (or the space differs).
         A run's own modality code runs only with ``trust_code`` (``checkpoint.load_model``)."""
-        from ..checkpoint import load_run
-
         encoders, configs, folders = {}, {}, {}
         for run in runs:
             encoder, run_anchor, config = load_run(run, device, trust_code)
@@ -310,9 +315,6 @@ class Space:
             folders[modality] = Path(run)
         if anchor is None:
             # Images and text alone need no run: the package's default anchor embeds them.
-            from ..anchor import Anchor
-            from ..config import AnchorConfig
-
             anchor = Anchor(AnchorConfig(), device=device)
         space = cls(anchor, encoders, configs, device)
         space.runs = folders
@@ -320,18 +322,16 @@ class Space:
 
     @property
     def modalities(self) -> list[str]:
-        return [*ANCHOR_MODALITIES, *self.encoders]
+        return [*anchor_modalities(), *self.encoders]
 
     def preprocess(self, modality: str) -> dict:
         """The modality's defaults under the run's saved options (mean/std, sizes, ...)."""
-        from ..modalities import get_modality
-
         saved = self.configs.get(modality, {}).get("preprocess") or {}
         return {**get_modality(modality).preprocess, **saved}
 
     def fingerprint(self, modality: str) -> str:
         if modality not in self._fingerprints:
-            if modality in ANCHOR_MODALITIES:
+            if anchor_tower_of(modality) is not None:
                 value = f"{modality}-" + "-".join(map(str, _anchor_key(self.anchor)))
             else:
                 self._require(modality)
@@ -340,7 +340,7 @@ class Space:
         return self._fingerprints[modality]
 
     def _require(self, modality: str) -> None:
-        if modality not in ANCHOR_MODALITIES and modality not in self.encoders:
+        if anchor_tower_of(modality) is None and modality not in self.encoders:
             raise SpaceError(
                 f"no {modality} encoder loaded: pass --checkpoint of a run trained on {modality} "
                 f"(loaded: {', '.join(self.modalities)})"
@@ -348,23 +348,20 @@ class Space:
 
     def encoder_fn(self, modality: str) -> Callable[[torch.Tensor], torch.Tensor]:
         self._require(modality)
-        if modality == "vision":
+        tower = anchor_tower_of(modality)
+        if tower == IMAGE_TOWER:
             return self.anchor.encode_image
-        if modality == "text":
-            raise SpaceError("text is encoded from strings, not tensors")
+        if tower == TEXT_TOWER:
+            raise SpaceError(f"{modality} is encoded from strings, not tensors")
         encoder = self.encoders[modality].eval()
         return lambda x: encoder(x)
 
     def load_file(self, path: str | Path, modality: str) -> torch.Tensor:
         """One file -> the model input of ``modality``."""
         self._require(modality)
-        if modality == "vision":
-            from PIL import Image
-
+        if anchor_tower_of(modality) == IMAGE_TOWER:
             with Image.open(path) as image:
                 return self.anchor.preprocess(image.convert("RGB"))
-        from ..modalities import get_modality
-
         spec = get_modality(modality)
         if spec.load is None:
             raise SpaceError(f"modality {modality!r} has no file reader")
@@ -385,7 +382,7 @@ class Space:
     ):
         """-> (embeddings [M, D], the M paths embedded, {path: error} of those skipped)."""
         paths = [Path(p) for p in paths]
-        if modality == "text":
+        if anchor_tower_of(modality) == TEXT_TOWER:
             texts = [p.read_text(encoding="utf-8", errors="replace").strip() for p in paths]
             return self.embed_texts(texts), paths, {}
         encode = self.encoder_fn(modality)
@@ -406,10 +403,11 @@ class Space:
     def embed_input(self, spec: str, modality: str | None = None) -> tuple[torch.Tensor, str]:
         """One input string (see module doc) -> ([D] embedding, its modality)."""
         name, value = parse_input(spec, modality)
-        if name == "text":
-            if Path(value).suffix.lower() in TEXT_EXTS and Path(value).is_file():
+        if anchor_tower_of(name) == TEXT_TOWER:
+            text_file = Path(value).suffix.lower() in get_modality(name).extensions
+            if text_file and Path(value).is_file():
                 value = Path(value).read_text(encoding="utf-8", errors="replace").strip()
-            return self.embed_texts([value])[0], "text"
+            return self.embed_texts([value])[0], name
         x = self.load_file(value, name).unsqueeze(0).to(self.device)
         return F.normalize(self.encoder_fn(name)(x).float(), dim=-1)[0].cpu(), name
 

@@ -19,6 +19,10 @@ ours                        ImageBind
 ==========================  ============================================================
 
 ``{stem}`` is ``rgbt_stem`` for audio and thermal, ``depth_stem`` for depth, ``imu_stem`` for IMU.
+These per-modality facts (stem name, head index, positional-table key, heads, how the stem's
+sizes follow from its weights) are each modality's ``ModalitySpec.imagebind``
+(``imagebind_lite.registry.ImageBindBranch``), in the modality's own file; this module holds
+what is common to every branch.
 """
 
 from __future__ import annotations
@@ -31,10 +35,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from ..modalities import get_modality, resolve_size
-from ..models.encoder import EncoderShape, LinearWindowStem, ModalityEncoder, PatchStem
+from ..models.build import resolve_size
+from ..models.encoder import EncoderShape, ModalityEncoder
+from ..registry import (
+    ImageBindBranch,
+    ImageBindCheckpointError,
+    ModalitySpec,
+    get_modality,
+    list_modalities,
+)
 
 __all__ = [
     "IMAGEBIND_MODALITIES",
@@ -44,24 +56,21 @@ __all__ = [
     "build_from_config",
     "export_imagebind_state_dict",
     "imagebind_key",
+    "imagebind_modalities",
     "infer_imagebind_config",
     "load_imagebind_encoders",
     "load_imagebind_state_dict",
 ]
 
-IMAGEBIND_MODALITIES = ("audio", "depth", "thermal", "imu")
 
-# Attention heads cannot be read off the weights (in_proj is [3D, D] whatever the split);
-# these are imagebind_huge's.
-DEFAULT_HEADS = {"audio": 12, "depth": 8, "thermal": 12, "imu": 8}
+def imagebind_modalities() -> tuple[str, ...]:
+    """The registered modalities that have a branch in ImageBind's checkpoints."""
+    return tuple(n for n in list_modalities() if get_modality(n).imagebind is not None)
 
-_STEM_NAME = {
-    "audio": "rgbt_stem",
-    "depth": "depth_stem",
-    "thermal": "rgbt_stem",
-    "imu": "imu_stem",
-}
-_HEAD_LINEAR_INDEX = {"audio": 2, "depth": 2, "thermal": 2, "imu": 3}
+
+# The built-in ones (audio, depth, IMU, thermal), as the modalities were registered on import.
+IMAGEBIND_MODALITIES = imagebind_modalities()
+
 _BRANCH_ROOTS = (
     "modality_preprocessors",
     "modality_trunks",
@@ -70,10 +79,6 @@ _BRANCH_ROOTS = (
 )
 # Without it the modality's registry temperature stands (equal to ImageBind's fixed scales).
 _OPTIONAL_OURS = ("log_logit_scale",)
-
-
-class ImageBindCheckpointError(ValueError):
-    """The checkpoint's branch for a modality does not fit the encoder it describes."""
 
 
 class MissingModalityError(KeyError):
@@ -106,24 +111,33 @@ def _prefixes(modality: str) -> list[str]:
     return [f"{root}.{modality}." for root in _BRANCH_ROOTS]
 
 
-def _check_modality(modality: str) -> None:
-    if modality in IMAGEBIND_MODALITIES:
-        return
-    if modality in ("vision", "text"):
+def _branch_spec(modality: str) -> ImageBindBranch:
+    """The modality's ``ModalitySpec.imagebind``; a clear error where there is none."""
+    try:
+        spec: ModalitySpec | None = get_modality(modality)
+    except KeyError:
+        spec = None
+    if spec is not None and spec.imagebind is not None:
+        return spec.imagebind
+    if spec is not None and spec.is_anchor:
         raise ValueError(
             f"ImageBind's {modality} tower is OpenCLIP ViT-H-14 (laion2b_s32b_b79k), our frozen "
             f"anchor: load it through open_clip, not from an ImageBind checkpoint"
         )
     raise ValueError(
-        f"unknown ImageBind modality {modality!r}; supported: {', '.join(IMAGEBIND_MODALITIES)}"
+        f"unknown ImageBind modality {modality!r}; supported: {', '.join(imagebind_modalities())}"
     )
+
+
+def _check_modality(modality: str) -> None:
+    _branch_spec(modality)
 
 
 def imagebind_key(modality: str, our_key: str) -> str:
     """ImageBind's name for one of our ``ModalityEncoder`` state-dict keys."""
-    _check_modality(modality)
+    branch = _branch_spec(modality)
     pre = f"modality_preprocessors.{modality}"
-    stem = f"{pre}.{_STEM_NAME[modality]}"
+    stem = f"{pre}.{branch.stem}"
     if our_key.startswith("stem.proj."):
         return f"{stem}.proj.{our_key[len('stem.proj.') :]}"
     if our_key.startswith("stem.norm."):
@@ -131,15 +145,13 @@ def imagebind_key(modality: str, our_key: str) -> str:
     if our_key == "cls_token":
         return f"{pre}.cls_token"
     if our_key == "pos_embed":
-        # ImageBind's IMU preprocessor owns its positional table; the image/audio ones go
-        # through a positional-embedding helper module.
-        return f"{pre}.pos_embed" if modality == "imu" else f"{pre}.pos_embedding_helper.pos_embed"
+        return f"{pre}.{branch.pos_embed}"
     if our_key.startswith("trunk.blocks."):
         return f"modality_trunks.{modality}.blocks.{our_key[len('trunk.blocks.') :]}"
     if our_key.startswith("head_norm."):
         return f"modality_heads.{modality}.0.{our_key[len('head_norm.') :]}"
     if our_key == "head.weight":
-        return f"modality_heads.{modality}.{_HEAD_LINEAR_INDEX[modality]}.weight"
+        return f"modality_heads.{modality}.{branch.head_index}.weight"
     if our_key == "log_logit_scale":
         return f"modality_postprocessors.{modality}.1.log_logit_scale"
     raise ImageBindCheckpointError(
@@ -148,11 +160,12 @@ def imagebind_key(modality: str, our_key: str) -> str:
 
 
 def _aliases(modality: str, their_key: str) -> list[str]:
-    # Checkpoints re-saved from ports that route the IMU table through the same helper
-    # as the other modalities.
-    if modality == "imu" and their_key == "modality_preprocessors.imu.pos_embed":
-        return ["modality_preprocessors.imu.pos_embedding_helper.pos_embed"]
-    return []
+    # Other names of the positional table, in checkpoints re-saved from ports.
+    branch = _branch_spec(modality)
+    pre = f"modality_preprocessors.{modality}"
+    if their_key != f"{pre}.{branch.pos_embed}":
+        return []
+    return [f"{pre}.{alias}" for alias in branch.pos_embed_aliases]
 
 
 def load_imagebind_state_dict(
@@ -166,8 +179,6 @@ def load_imagebind_state_dict(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ImageBind checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
         wanted = tuple(p for m in (modalities or ()) for p in _prefixes(m))
         with safe_open(path, framework="pt", device="cpu") as f:
             names = f.keys()  # a safe_open handle is not iterable itself
@@ -213,44 +224,13 @@ def _check_per_modality(name: str, value: Any, nested: bool = False) -> None:
         if nested and value is not None:
             raise TypeError(f"{name} must map modality -> options, got {type(value).__name__}")
         return
-    unknown = [k for k in value if k not in IMAGEBIND_MODALITIES]
+    supported = imagebind_modalities()
+    unknown = [k for k in value if k not in supported]
     if unknown:
         raise ValueError(
-            f"{name} is keyed by modality ({', '.join(IMAGEBIND_MODALITIES)}); got keys "
+            f"{name} is keyed by modality ({', '.join(supported)}); got keys "
             f"{unknown}" + (f", e.g. {name}={{'audio': {{...}}}}" if nested else "")
         )
-
-
-def _pair(value: int | Iterable[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-
-
-def _grid(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]) -> int:
-    gh, gw = ((s - k) // st + 1 for s, k, st in zip(size, kernel, stride, strict=True))
-    return gh * gw if gh > 0 and gw > 0 else 0
-
-
-def _audio_stride(
-    size: tuple[int, int], kernel: tuple[int, int], tokens: int, modality: str
-) -> int:
-    # The learned position table fixes the token count; with the fbank size known, exactly one
-    # square stride usually produces it (128x204, kernel 16: only 10 gives 12x19 = 228).
-    found = [s for s in range(1, max(size) + 1) if _grid(size, kernel, (s, s)) == tokens]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ImageBindCheckpointError(
-            f"{modality}: no stride turns a {size[0]}x{size[1]} input with kernel "
-            f"{kernel[0]}x{kernel[1]} into the checkpoint's {tokens} patch tokens; pass "
-            f"preprocess={{'{modality}': {{'num_mel_bins': ..., 'target_length': ...}}}} "
-            f"or stride={{'{modality}': ...}}"
-        )
-    if kernel[0] == kernel[1] and kernel[0] in found:
-        return kernel[0]
-    raise ImageBindCheckpointError(
-        f"{modality}: strides {found} all give {tokens} tokens on a {size[0]}x{size[1]} input; "
-        f"pass stride={{'{modality}': ...}}"
-    )
 
 
 def _stem_fields(
@@ -260,83 +240,65 @@ def _stem_fields(
     preprocess: Mapping[str, Any],
     stride: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(size fields, preprocessing options) that make the registry's stem fit the weights."""
+    """(size fields, preprocessing options) that make the registry's stem fit the weights:
+    the modality's own ``ImageBindBranch.stem_from_weights`` reads them off the projection."""
     proj_key = imagebind_key(modality, "stem.proj.weight")
     proj = _tensor(state_dict, proj_key, modality, "stem")
-    defaults = get_modality(modality).preprocess
-    if modality == "imu":
-        if proj.ndim != 2:
-            raise ImageBindCheckpointError(
-                f"imu: {proj_key} has shape {list(proj.shape)}; expected a Linear [width, C*window]"
-            )
-        channels = int(preprocess.get("channels", defaults["channels"]))
-        if proj.shape[1] % channels:
-            raise ImageBindCheckpointError(
-                f"imu: {proj_key} takes {proj.shape[1]} values per window, not a multiple of "
-                f"{channels} channels; pass preprocess={{'imu': {{'channels': ...}}}}"
-            )
-        window = proj.shape[1] // channels
-        length = int(preprocess.get("length", tokens * window))
-        if length % window or length // window != tokens:
-            raise ImageBindCheckpointError(
-                f"imu: length {length} in windows of {window} gives {length // window} tokens; "
-                f"the checkpoint's position table has {tokens}"
-            )
-        return {"window": window}, {"channels": channels, "length": length}
+    read = _branch_spec(modality).stem_from_weights
+    return read(modality, proj, proj_key, tokens, preprocess, _per_modality(stride, modality))
 
-    if proj.ndim != 4:
-        raise ImageBindCheckpointError(
-            f"{modality}: {proj_key} has shape {list(proj.shape)}; expected a Conv2d weight "
-            f"[width, in_chans, kh, kw]"
-        )
-    kernel = (int(proj.shape[2]), int(proj.shape[3]))
-    stride_override = _per_modality(stride, modality)
-    if modality == "audio":
-        size = (
-            int(preprocess.get("num_mel_bins", defaults["num_mel_bins"])),
-            int(preprocess.get("target_length", defaults["target_length"])),
-        )
-        if stride_override is None:
-            step = _pair(_audio_stride(size, kernel, tokens, modality))
-        else:
-            step = _pair(stride_override)
-            if _grid(size, kernel, step) != tokens:
-                raise ImageBindCheckpointError(
-                    f"audio: stride {step} on a {size[0]}x{size[1]} input with kernel {kernel} "
-                    f"gives {_grid(size, kernel, step)} tokens; the checkpoint has {tokens}"
-                )
-        fields = {
-            "kernel": kernel[0] if kernel[0] == kernel[1] else kernel,
-            "stride": step[0] if step[0] == step[1] else step,
-        }
-        return fields, {"num_mel_bins": size[0], "target_length": size[1]}
 
-    # Depth and thermal: the registry's image stem is square with stride = patch, as ImageBind's.
-    if kernel[0] != kernel[1]:
+def _token_table(state_dict: Mapping[str, Any], modality: str) -> tuple[str, int, int]:
+    """(key of the positional table, width, patch tokens) from the table and the CLS token."""
+    pos_key = imagebind_key(modality, "pos_embed")
+    if pos_key not in state_dict:
+        pos_key = next((a for a in _aliases(modality, pos_key) if a in state_dict), pos_key)
+    pos = _tensor(state_dict, pos_key, modality, "token count")
+    cls = _tensor(state_dict, imagebind_key(modality, "cls_token"), modality, "CLS token")
+    if pos.ndim != 3 or pos.shape[0] != 1:
         raise ImageBindCheckpointError(
-            f"{modality}: non-square patch {kernel} in {proj_key}; the image stem is square"
+            f"{modality}: {pos_key} has shape {list(pos.shape)}; expected [1, tokens, width]"
         )
-    patch = kernel[0]
-    if stride_override is not None and _pair(stride_override) != kernel:
+    if cls.ndim != 3 or cls.shape[:2] != (1, 1):
         raise ImageBindCheckpointError(
-            f"{modality}: the image stem's stride is its patch ({patch}); got {stride_override}"
+            f"{modality}: cls_token has shape {list(cls.shape)}; one CLS token [1, 1, width] "
+            f"is supported"
         )
-    if "image_size" in preprocess:
-        image_size = int(preprocess["image_size"])
-        if _grid((image_size,) * 2, kernel, kernel) != tokens:
-            raise ImageBindCheckpointError(
-                f"{modality}: a {image_size}x{image_size} image in {patch}-pixel patches gives "
-                f"{_grid((image_size,) * 2, kernel, kernel)} tokens; the checkpoint has {tokens}"
-            )
-    else:
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise ImageBindCheckpointError(
-                f"{modality}: {tokens} patch tokens is not a square grid; pass "
-                f"preprocess={{'{modality}': {{'image_size': ...}}}}"
-            )
-        image_size = side * patch
-    return {"patch": patch}, {"image_size": image_size, "in_chans": int(proj.shape[1])}
+    return pos_key, int(pos.shape[2]), int(pos.shape[1]) - 1
+
+
+def _trunk_shape(
+    state_dict: Mapping[str, Any], branch: list[str], modality: str, width: int
+) -> tuple[int, bool, float]:
+    """(depth, add_bias_kv, mlp_ratio) of the branch's transformer blocks."""
+    block_re = re.compile(rf"^modality_trunks\.{re.escape(modality)}\.blocks\.(\d+)\.")
+    indices = {int(m.group(1)) for k in branch if (m := block_re.match(k))}
+    # max + 1, not len: a gap then shows up as missing keys in the strict check.
+    depth = max(indices) + 1 if indices else 0
+    if not depth:
+        return 0, True, 4.0
+    block = f"modality_trunks.{modality}.blocks.0"
+    fc1 = _tensor(state_dict, f"{block}.mlp.fc1.weight", modality, "MLP width")
+    mlp_ratio = fc1.shape[0] / width
+    if int(width * mlp_ratio) != fc1.shape[0]:
+        raise ImageBindCheckpointError(
+            f"{modality}: MLP hidden size {fc1.shape[0]} is not reachable as int({width} * ratio)"
+        )
+    return depth, f"{block}.attn.bias_k" in state_dict, mlp_ratio
+
+
+def _heads(num_heads: Any, modality: str, width: int, pos_key: str, pos_shape: list) -> int:
+    # Attention heads cannot be read off the weights (in_proj is [3D, D] whatever the split):
+    # the default is the released model's, from the modality's ImageBindBranch.
+    released = _branch_spec(modality).heads
+    heads = _per_modality(num_heads, modality, released)
+    if not isinstance(heads, int) or heads < 1 or width % heads:
+        raise ImageBindCheckpointError(
+            f"{modality}: width {width} (from {pos_key} {pos_shape}) is not divisible by "
+            f"{heads!r} attention heads; pass num_heads={{'{modality}': n}} with n dividing "
+            f"{width} (imagebind_huge uses {released})"
+        )
+    return heads
 
 
 def infer_imagebind_config(
@@ -365,60 +327,18 @@ def infer_imagebind_config(
             f"{', '.join(repr(p) for p in _prefixes(modality))}"
         )
     user_pre = dict(_per_modality(preprocess, modality, {}) or {})
-
-    pos_key = imagebind_key(modality, "pos_embed")
-    if pos_key not in state_dict:
-        pos_key = next((a for a in _aliases(modality, pos_key) if a in state_dict), pos_key)
-    pos = _tensor(state_dict, pos_key, modality, "token count")
-    cls = _tensor(state_dict, imagebind_key(modality, "cls_token"), modality, "CLS token")
-    if pos.ndim != 3 or pos.shape[0] != 1:
-        raise ImageBindCheckpointError(
-            f"{modality}: {pos_key} has shape {list(pos.shape)}; expected [1, tokens, width]"
-        )
-    if cls.ndim != 3 or cls.shape[:2] != (1, 1):
-        raise ImageBindCheckpointError(
-            f"{modality}: cls_token has shape {list(cls.shape)}; one CLS token [1, 1, width] "
-            f"is supported"
-        )
-    width = int(pos.shape[2])
-    tokens = int(pos.shape[1]) - 1
-
-    block_re = re.compile(rf"^modality_trunks\.{re.escape(modality)}\.blocks\.(\d+)\.")
-    indices = {int(m.group(1)) for k in branch if (m := block_re.match(k))}
-    # max + 1, not len: a gap then shows up as missing keys in the strict check.
-    depth = max(indices) + 1 if indices else 0
-    add_bias_kv = True
-    mlp_ratio = 4.0
-    if depth:
-        block = f"modality_trunks.{modality}.blocks.0"
-        add_bias_kv = f"{block}.attn.bias_k" in state_dict
-        fc1 = _tensor(state_dict, f"{block}.mlp.fc1.weight", modality, "MLP width")
-        mlp_ratio = fc1.shape[0] / width
-        if int(width * mlp_ratio) != fc1.shape[0]:
-            raise ImageBindCheckpointError(
-                f"{modality}: MLP hidden size {fc1.shape[0]} is not reachable as "
-                f"int({width} * ratio)"
-            )
-
-    heads = _per_modality(num_heads, modality, DEFAULT_HEADS[modality])
-    if not isinstance(heads, int) or heads < 1 or width % heads:
-        raise ImageBindCheckpointError(
-            f"{modality}: width {width} (from {pos_key} {list(pos.shape)}) is not divisible by "
-            f"{heads!r} attention heads; pass num_heads={{'{modality}': n}} with n dividing "
-            f"{width} (imagebind_huge uses {DEFAULT_HEADS[modality]})"
-        )
-
+    pos_key, width, tokens = _token_table(state_dict, modality)
+    depth, add_bias_kv, mlp_ratio = _trunk_shape(state_dict, branch, modality, width)
+    pos_shape = list(state_dict[pos_key].shape)
+    heads = _heads(num_heads, modality, width, pos_key, pos_shape)
     head_key = imagebind_key(modality, "head.weight")
     head = _tensor(state_dict, head_key, modality, "embedding dim")
     if head.ndim != 2:
         raise ImageBindCheckpointError(
             f"{modality}: {head_key} has shape {list(head.shape)}; expected [embed_dim, width]"
         )
-
     stem_fields, options = _stem_fields(modality, state_dict, tokens, user_pre, stride)
-    stem_bias = imagebind_key(modality, "stem.proj.bias") in state_dict
     scale_key = imagebind_key(modality, "log_logit_scale")
-    log_logit_scale = float(state_dict[scale_key]) if scale_key in state_dict else None
     return ImageBindEncoderConfig(
         modality=modality,
         embed_dim=int(head.shape[0]),
@@ -431,8 +351,8 @@ def infer_imagebind_config(
         },
         preprocess={**user_pre, **options},
         add_bias_kv=add_bias_kv,
-        stem_bias=stem_bias,
-        log_logit_scale=log_logit_scale,
+        stem_bias=imagebind_key(modality, "stem.proj.bias") in state_dict,
+        log_logit_scale=float(state_dict[scale_key]) if scale_key in state_dict else None,
     )
 
 
@@ -583,7 +503,7 @@ def export_imagebind_state_dict(
         _check_modality(modality)
         if not isinstance(encoder, ModalityEncoder):
             raise TypeError(f"{modality}: expected a ModalityEncoder, got {type(encoder).__name__}")
-        expected_stem = LinearWindowStem if modality == "imu" else PatchStem
+        expected_stem = _branch_spec(modality).stem_type
         if not isinstance(encoder.stem, expected_stem):
             raise ImageBindCheckpointError(
                 f"{modality}: ImageBind's layout needs a {expected_stem.__name__} stem, this "

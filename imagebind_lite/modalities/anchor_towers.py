@@ -1,15 +1,29 @@
 """The anchor's own modalities: their towers come from the frozen CLIP (``anchor.py``)."""
 
-from . import ModalitySpec, register_modality
+from ..registry import IMAGE_TOWER, TEXT_TOWER, ModalitySpec, register_modality
 
-for _name, _what in (("vision", "RGB images"), ("text", "captions / class prompts")):
-    register_modality(
-        ModalitySpec(
-            name=_name,
-            temperature=0.07,
-            sizes={},
-            build_stem=None,
-            is_anchor=True,
-            description=f"{_what}: frozen CLIP tower",
-        )
+register_modality(
+    ModalitySpec(
+        name="vision",
+        temperature=0.07,
+        sizes={},
+        build_stem=None,
+        anchor_tower=IMAGE_TOWER,
+        description="RGB images: frozen CLIP tower",
+        aliases=("image", "rgb"),
+        extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"),
+        # The rendered scenes' RGB in [0, 1]; the probes normalise it as the anchor does.
+        scene_input=lambda scenes: scenes["rgb"],
     )
+)
+register_modality(
+    ModalitySpec(
+        name="text",
+        temperature=0.07,
+        sizes={},
+        build_stem=None,
+        anchor_tower=TEXT_TOWER,
+        description="captions / class prompts: frozen CLIP tower",
+        extensions=(".txt",),  # the whole file is one text
+    )
+)

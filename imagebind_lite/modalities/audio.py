@@ -1,8 +1,11 @@
 """Audio: log-mel fbank clips [clips, 1, mel, frames] -> ViT on overlapping 2-D patches."""
 
 from ..data import audio as audio_data
-from ..models.encoder import ConvStem, PatchStem
-from . import ModalitySpec, register_modality
+from ..data import bad_input as bi
+from ..data.datasets import BadSample
+from ..data.manifest import read_waveform
+from ..models.encoder import ConvStem, PatchStem, patch_tokens
+from ..registry import ImageBindBranch, ImageBindCheckpointError, ModalitySpec, register_modality
 
 
 def build_stem(size: dict, options: dict):
@@ -24,8 +27,70 @@ def load(path, **options):
     return audio_data.waveform_to_clips(wav, sample_rate, options)
 
 
+def load_source(source: bi.Source, options: dict):
+    """A dataset's audio file or shard member -> clips; unreadable, empty and silent files are
+    bad input with their reasons."""
+    wav, rate = read_waveform(source)
+    if audio_data.is_silent(wav):
+        raise BadSample("silent", f"{bi.source_name(source)}: all samples are zero")
+    return audio_data.waveform_to_clips(wav, rate, options)
+
+
 def augment(feats, train: bool, freq_mask: int = 12, time_mask: int = 0, generator=None, **_):
     return audio_data.spec_augment(feats, freq_mask, time_mask, generator) if train else feats
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _stride_for(name: str, size: tuple[int, int], kernel: tuple[int, int], tokens: int) -> int:
+    # The learned position table fixes the token count; with the fbank size known, exactly one
+    # square stride usually produces it (128x204, kernel 16: only 10 gives 12x19 = 228).
+    found = [s for s in range(1, max(size) + 1) if patch_tokens(size, kernel, (s, s)) == tokens]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ImageBindCheckpointError(
+            f"{name}: no stride turns a {size[0]}x{size[1]} input with kernel "
+            f"{kernel[0]}x{kernel[1]} into the checkpoint's {tokens} patch tokens; pass "
+            f"preprocess={{'{name}': {{'num_mel_bins': ..., 'target_length': ...}}}} "
+            f"or stride={{'{name}': ...}}"
+        )
+    if kernel[0] == kernel[1] and kernel[0] in found:
+        return kernel[0]
+    raise ImageBindCheckpointError(
+        f"{name}: strides {found} all give {tokens} tokens on a {size[0]}x{size[1]} input; "
+        f"pass stride={{'{name}': ...}}"
+    )
+
+
+def stem_from_weights(name: str, proj, proj_key: str, tokens: int, preprocess, stride):
+    """ImageBind's audio stem: a Conv2d over the fbank, its stride read off the token count."""
+    if proj.ndim != 4:
+        raise ImageBindCheckpointError(
+            f"{name}: {proj_key} has shape {list(proj.shape)}; expected a Conv2d weight "
+            f"[width, in_chans, kh, kw]"
+        )
+    kernel = (int(proj.shape[2]), int(proj.shape[3]))
+    size = (
+        int(preprocess.get("num_mel_bins", audio_data.DEFAULTS["num_mel_bins"])),
+        int(preprocess.get("target_length", audio_data.DEFAULTS["target_length"])),
+    )
+    if stride is None:
+        step = _pair(_stride_for(name, size, kernel, tokens))
+    else:
+        step = _pair(stride)
+        if patch_tokens(size, kernel, step) != tokens:
+            raise ImageBindCheckpointError(
+                f"{name}: stride {step} on a {size[0]}x{size[1]} input with kernel {kernel} "
+                f"gives {patch_tokens(size, kernel, step)} tokens; the checkpoint has {tokens}"
+            )
+    fields = {
+        "kernel": kernel[0] if kernel[0] == kernel[1] else kernel,
+        "stride": step[0] if step[0] == step[1] else step,
+    }
+    return fields, {"num_mel_bins": size[0], "target_length": size[1]}
 
 
 register_modality(
@@ -48,5 +113,10 @@ register_modality(
         load=load,
         augment=augment,
         description="kaldi log-mel fbank clips, ImageBind recipe",
+        extensions=(".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"),
+        load_source=load_source,
+        imagebind=ImageBindBranch(
+            stem="rgbt_stem", heads=12, stem_type=PatchStem, stem_from_weights=stem_from_weights
+        ),
     )
 )

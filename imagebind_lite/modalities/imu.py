@@ -43,7 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imagebind_lite.modalities import ModalitySpec, register_modality
+from imagebind_lite.modalities import (
+    ImageBindBranch,
+    ImageBindCheckpointError,
+    ModalitySpec,
+    register_modality,
+)
 from imagebind_lite.models.encoder import LinearWindowStem
 
 PREPROCESS = dict(
@@ -317,6 +322,31 @@ def augment(
     return x
 
 
+# ------------------------------------------------------------------------------ ImageBind
+
+
+def stem_from_weights(name: str, proj, proj_key: str, tokens: int, preprocess, stride):
+    """ImageBind's IMU stem: a Linear over windows of C channels x ``window`` steps."""
+    if proj.ndim != 2:
+        raise ImageBindCheckpointError(
+            f"{name}: {proj_key} has shape {list(proj.shape)}; expected a Linear [width, C*window]"
+        )
+    channels = int(preprocess.get("channels", PREPROCESS["channels"]))
+    if proj.shape[1] % channels:
+        raise ImageBindCheckpointError(
+            f"{name}: {proj_key} takes {proj.shape[1]} values per window, not a multiple of "
+            f"{channels} channels; pass preprocess={{'{name}': {{'channels': ...}}}}"
+        )
+    window = proj.shape[1] // channels
+    length = int(preprocess.get("length", tokens * window))
+    if length % window or length // window != tokens:
+        raise ImageBindCheckpointError(
+            f"{name}: length {length} in windows of {window} gives {length // window} tokens; "
+            f"the checkpoint's position table has {tokens}"
+        )
+    return {"window": window}, {"channels": channels, "length": length}
+
+
 register_modality(
     ModalitySpec(
         name="imu",
@@ -329,5 +359,16 @@ register_modality(
         load=load,
         augment=augment,
         description="6-axis IMU, 250 windows of 8 steps",
+        imagebind=ImageBindBranch(
+            stem="imu_stem",
+            heads=8,
+            stem_type=LinearWindowStem,
+            stem_from_weights=stem_from_weights,
+            head_index=3,  # after a Dropout
+            # ImageBind's IMU preprocessor owns its positional table; ports that route it
+            # through the helper module of the other modalities re-save it under that name.
+            pos_embed="pos_embed",
+            pos_embed_aliases=("pos_embedding_helper.pos_embed",),
+        ),
     )
 )

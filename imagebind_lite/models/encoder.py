@@ -31,6 +31,12 @@ class EncoderShape:
     grad_checkpointing: bool = False
 
 
+def patch_tokens(size, kernel, stride) -> int:
+    """Patch tokens of a ``PatchStem`` on a ``size`` input (each a pair): 0 if none fit."""
+    gh, gw = ((s - k) // st + 1 for s, k, st in zip(size, kernel, stride, strict=True))
+    return gh * gw if gh > 0 and gw > 0 else 0
+
+
 class PatchStem(nn.Module):
     """Conv2d patchifier (bias-free, as ImageBind's RGBT/depth stems) followed by LayerNorm."""
 
