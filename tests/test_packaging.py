@@ -105,3 +105,22 @@ def test_every_config_field_is_read(cls):
         if (section.split(".")[-2] + "." if section else "", name) not in reads
     ]
     assert not unread, f"config fields nothing reads: {unread}"
+
+
+def test_scale_recipe_config_and_multi_node_launchers():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from imagebind_lite.train import validate_config
+
+    cfg = load_config(shipped_config("audio_imagebind"))
+    validate_config(cfg)  # the anchor name and the encoder size exist; nothing downloads
+    assert (cfg.anchor.model, cfg.encoder.size, cfg.data.dataset) == (
+        "ViT-H-14",
+        "imagebind",
+        "audioset",
+    )
+    assert cfg.data.batch_size * 8 == 2048 and cfg.optim.lr == 1.6e-3
+    scale = REPO / "examples" / "scale"
+    launch = load_config_from_file(str(scale / "accelerate_multinode.yaml"))
+    assert (launch.num_machines, launch.num_processes, launch.mixed_precision) == (4, 32, "bf16")
+    assert subprocess.run(["bash", "-n", str(scale / "slurm_align_audio.sbatch")]).returncode == 0
