@@ -15,18 +15,22 @@ Layers (each imports only from the ones before it; ``tests/test_architecture.py`
 2. data: ``data/``, ``modalities/``, and ``builtins``, which registers the built-ins (this
    package imports it, so every entry point has them)
 3. the training loop (today inside ``train.py``, with the task)
-4. ``evaluation/``, ``interop/``, ``cache``
+4. ``evaluation/``, ``interop/``, ``cache``, ``bound`` (``BoundModel``: every modality in one
+   object)
 5. tasks: ``train``, ``anchor_finetune``
-6. scripts: ``cli`` (and ``train/*.py``, ``eval/*.py``, ``bench/*.py`` outside the package)
+6. scripts: ``cli`` (and ``train/*.py``, ``eval/*.py``, ``bench/*.py`` outside the package),
+   and this package namespace, which imports from every layer
 """
 
 from . import builtins  # noqa: F401 - registers the built-in modalities and datasets
 from ._version import __version__
+from .bound import BoundModel
 from .checkpoint import load_model, save_model
 from .models.build import build_encoder
 from .registry import ModalitySpec, list_modalities, register_modality
 
 __all__ = [
+    "BoundModel",
     "ModalitySpec",
     "__version__",
     "build_encoder",

@@ -67,6 +67,8 @@ class ImageBindBranch:
     # The positional table under modality_preprocessors.<name>, and other names ports use.
     pos_embed: str = "pos_embedding_helper.pos_embed"
     pos_embed_aliases: tuple[str, ...] = ()
+    # Preprocessing options that give the released encoder the input it was trained on.
+    preprocess: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -116,7 +116,11 @@ register_modality(
         extensions=(".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"),
         load_source=load_source,
         imagebind=ImageBindBranch(
-            stem="rgbt_stem", heads=12, stem_type=PatchStem, stem_from_weights=stem_from_weights
+            stem="rgbt_stem",
+            heads=12,
+            stem_type=PatchStem,
+            stem_from_weights=stem_from_weights,
+            preprocess={"compat": "imagebind"},
         ),
     )
 )
