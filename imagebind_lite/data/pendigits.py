@@ -1,0 +1,182 @@
+"""UCI pendigits: pen trajectories of handwritten digits in UNIPEN text (a copy ships in
+``assets/pendigits``, see ATTRIBUTION.md), and a reader for them.
+
+The reader reads the UNIPEN subset these files use: header keywords (``.INCLUDE``,
+``.LEXICON``, ...; skipped), then per digit ``.SEGMENT DIGIT <strokes> ? "<label>"`` (strokes:
+``N`` or ``N-M``, running stroke numbers), ``.COMMENT <label> <writer> <index>``, and one or
+more ``.PEN_DOWN`` ... ``.PEN_UP`` strokes of integer ``x y`` points (``.DT`` between them,
+skipped). Anything else raises ``UnipenError``: one line naming the file, the line and the
+problem.
+
+Splits: train = the 30 writers of ``pendigits-orig.tra``, eval = the 14 other writers of
+``pendigits-orig.tes`` (their ids restart at 1 there; here they are 31-44).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..anchor import ASSETS
+
+DEFAULT_ROOT = ASSETS / "pendigits"
+TRAIN_FILE, TEST_FILE = "pendigits-orig.tra.gz", "pendigits-orig.tes.gz"
+TEST_WRITER_OFFSET = 30  # .tes numbers its 14 writers from 1 again
+
+_SEGMENT = re.compile(r'^\.SEGMENT\s+DIGIT\s+(\d+)(?:-(\d+))?\s+\S+\s+"(\d)"\s*$')
+_INT = re.compile(r"[-+]?\d+")
+_COMMENT = re.compile(r"^\.COMMENT\s+(\d)\s+(\d+)\s+(\d+)\s*$")
+
+
+class UnipenError(ValueError):
+    """A file that is not the UNIPEN pendigits uses; the message names the file and line."""
+
+
+@dataclass
+class PenDigit:
+    label: int
+    writer: int
+    index: int  # the writer's sample number (.COMMENT's third field)
+    strokes: list[np.ndarray]  # one int32 [points, 2] (x, y) array per pen-down stroke
+
+    @property
+    def points(self) -> int:
+        return sum(len(s) for s in self.strokes)
+
+
+def _lines(source) -> tuple[str, list[str]]:
+    """(name for messages, text lines) of a path (gzip or plain) or an open file."""
+    if isinstance(source, (str, Path)):
+        name, path = str(source), Path(source)
+        if not path.is_file():
+            raise UnipenError(f"{name}: file not found")
+        raw = path.read_bytes()
+    else:
+        name = str(getattr(source, "name", "<file>"))
+        raw = source.read()
+    if isinstance(raw, bytes):
+        if raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gzip.decompress(raw)
+            except (EOFError, OSError, zlib.error) as err:
+                raise UnipenError(f"{name}: damaged gzip file ({err})") from None
+        try:
+            raw = raw.decode("ascii")
+        except UnicodeDecodeError as err:
+            why = f"byte {err.start} is not ASCII"
+            raise UnipenError(f"{name}: not a UNIPEN text file ({why})") from None
+    return name, raw.splitlines()
+
+
+def read_unipen(source) -> list[PenDigit]:
+    """A UNIPEN file (path to a plain or gzip file, or an open text/binary file) -> its digits."""
+    name, lines = _lines(source)
+    if not any(line.strip() for line in lines):
+        raise UnipenError(f"{name}: empty file, not UNIPEN")
+    digits: list[PenDigit] = []
+    segment = None  # [line number, label, first stroke, last stroke, comment, strokes]
+    stroke: int | None = None  # index of the first line after the open .PEN_DOWN
+    strokes_seen, after = 0, 0
+    # Only keyword lines are visited one by one: the points between them are read per stroke.
+    keywords = [i for i, line in enumerate(lines) if line.startswith(".")]
+    for i in [*keywords, len(lines)]:
+        if stroke is None:
+            _blank(lines, after, i, name, segment is not None)
+        if i == len(lines):
+            break
+        line, where, after = lines[i], f"{name}:{i + 1}", i + 1
+        keyword = line.split(None, 1)[0]
+        if stroke is not None and keyword != ".PEN_UP":
+            raise UnipenError(f"{where}: {keyword} inside a stroke (no .PEN_UP before it)")
+        if keyword == ".SEGMENT":
+            if segment is not None:
+                digits.append(_finish(segment, name))
+            match = _SEGMENT.match(line)
+            if match is None:
+                raise UnipenError(
+                    f'{where}: expected .SEGMENT DIGIT <N or N-M> ? "<digit>", got {line!r}'
+                )
+            first, last, label = match.groups()
+            segment = [i + 1, int(label), int(first), int(last or first), None, []]
+            if segment[2] != strokes_seen or segment[3] < segment[2]:
+                raise UnipenError(
+                    f"{where}: segment names strokes {first}-{last or first}, but the next "
+                    f"stroke is number {strokes_seen}"
+                )
+        elif keyword == ".COMMENT" and segment is not None:
+            match = _COMMENT.match(line)
+            if match is None:
+                raise UnipenError(f"{where}: expected .COMMENT <digit> <writer> <index>")
+            segment[4] = tuple(int(v) for v in match.groups())
+        elif keyword == ".PEN_DOWN":
+            if segment is None:
+                raise UnipenError(f"{where}: .PEN_DOWN before any .SEGMENT DIGIT")
+            stroke = i + 1
+        elif keyword == ".PEN_UP":
+            if stroke is None:
+                raise UnipenError(f"{where}: .PEN_UP without .PEN_DOWN")
+            segment[5].append(_points(lines, stroke, i, name))
+            stroke, strokes_seen = None, strokes_seen + 1
+    if stroke is not None:
+        raise UnipenError(f"{name}: ends inside a stroke (no .PEN_UP): truncated")
+    if segment is None:
+        raise UnipenError(f"{name}: no .SEGMENT DIGIT: not a UNIPEN digit file")
+    digits.append(_finish(segment, name))
+    return digits
+
+
+def _blank(lines: list[str], start: int, end: int, name: str, in_segment: bool) -> None:
+    """Outside strokes, only keyword lines and blank lines."""
+    for n in range(start, end):
+        if lines[n].strip():
+            what = "point outside .PEN_DOWN" if in_segment else "not a UNIPEN keyword line"
+            raise UnipenError(f"{name}:{n + 1}: {what}: {lines[n].strip()[:40]!r}")
+
+
+def _points(lines: list[str], start: int, end: int, name: str) -> np.ndarray:
+    """The points of ``lines[start:end]`` (a stroke's rows) -> int32 [points, 2]."""
+    rows = [row.split() for row in lines[start:end] if row.strip()]
+    if not rows:
+        raise UnipenError(f"{name}:{end + 1}: empty stroke (.PEN_DOWN then .PEN_UP)")
+    try:
+        values = np.array(rows, dtype=np.int32)
+        if values.ndim == 2 and values.shape[1] == 2:
+            return values
+    except (ValueError, OverflowError):
+        pass  # ragged rows or non-integers: name the line
+    for number in range(start, end):
+        fields = lines[number].split()
+        if fields and not (len(fields) == 2 and all(_INT.fullmatch(f) for f in fields)):
+            raise UnipenError(
+                f"{name}:{number + 1}: expected a point 'x y' (two integers), "
+                f"got {lines[number].strip()[:40]!r}"
+            )
+    raise UnipenError(f"{name}:{start}: stroke coordinates out of range")
+
+
+def _finish(segment: list, name: str) -> PenDigit:
+    number, label, first, last, comment, strokes = segment
+    where = f"{name}:{number}"
+    if comment is None:
+        raise UnipenError(f"{where}: segment has no .COMMENT <digit> <writer> <index>")
+    if comment[0] != label:
+        raise UnipenError(f"{where}: segment says digit {label}, its .COMMENT says {comment[0]}")
+    if len(strokes) != last - first + 1:
+        raise UnipenError(
+            f"{where}: segment names {last - first + 1} strokes, {len(strokes)} follow: truncated"
+        )
+    return PenDigit(label=label, writer=comment[1], index=comment[2], strokes=strokes)
+
+
+def load_pendigits(root: Path = DEFAULT_ROOT) -> tuple[list[PenDigit], list[PenDigit]]:
+    """(train digits, test digits) with test writers renumbered 31-44."""
+    root = Path(root)
+    train, test = (read_unipen(root / file) for file in (TRAIN_FILE, TEST_FILE))
+    for digit in test:
+        digit.writer += TEST_WRITER_OFFSET
+    return train, test
