@@ -1,16 +1,22 @@
-"""Pen trajectories: the UNIPEN reader on the shipped pendigits files."""
+"""Pen trajectories: the UNIPEN reader on the shipped pendigits files, the [5, 64] features, the
+augmentation and the stem."""
 
 import gzip
 import io
 
 import numpy as np
 import pytest
+import torch
 
 from imagebind_lite.anchor import ASSETS
 from imagebind_lite.data.pendigits import UnipenError, load_pendigits, read_unipen
+from imagebind_lite.modalities import build_encoder, get_modality
+from imagebind_lite.modalities.pen import augment, load, to_tensor
 
 ROOT = ASSETS / "pendigits"
 TRA, TES = ROOT / "pendigits-orig.tra.gz", ROOT / "pendigits-orig.tes.gz"
+SPEC = get_modality("pen")
+OPTIONS = SPEC.preprocess
 SEGMENT = '.SEGMENT DIGIT 0 ? "4"\n.COMMENT 4 1 1\n'  # a four, writer 1, sample 1
 HEADER = '.INCLUDE        dene.doc\n\n.LEXICON "0" "1" "2" "3" "4" "5" "6" "7" "8" "9"\n'
 
@@ -98,3 +104,78 @@ def test_files_that_are_not_unipen_are_refused_in_one_line(tmp_path, name, make,
     with pytest.raises(UnipenError, match=match) as err:
         read_unipen(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_features_of_a_real_digit_match_hand_computed_values(tra):
+    # .COMMENT 1 1 53: one stroke, x 371 367 361 356 352 348 344 341 339,
+    # y 324 326 323 312 297 277 255 220 195. Mean (3179/9, 281); largest |centred| = 86 (y).
+    one = next(d for d in tra if (d.writer, d.index) == (1, 53))
+    assert one.label == 1 and one.points == 9
+    # 5 steps over 9 points in time: exactly points 0, 2, 4, 6, 8.
+    feats = to_tensor(one.strokes, length=5).double()
+    expected = torch.tensor(
+        [
+            [160, 70, -11, -83, -128],  # x: (9 x - 3179) / (9 * 86)
+            [43 * 9, 42 * 9, 16 * 9, -26 * 9, -86 * 9],  # y: (y - 281) / 86
+            [0, -900, -810, -720, -450],  # 10 x the steps of x
+            [0, -9 * 10, -26 * 90, -42 * 90, -60 * 90],  # 10 x the steps of y
+        ],
+        dtype=torch.float64,
+    ) / (9 * 86)
+    torch.testing.assert_close(feats[:4], expected, rtol=0, atol=1e-6)
+    assert feats[4].tolist() == [0] * 5
+    # The default 64 steps start and end on the first and last points.
+    full = to_tensor(one.strokes, **OPTIONS)
+    assert full.shape == (5, 64) and full.dtype == torch.float32
+    assert full[:2, 0].tolist() == pytest.approx([160 / 774, 0.5]) and full[1, -1] == -1
+    assert full[:2].abs().max() == 1
+
+
+def test_pen_lift_flag_marks_the_second_stroke(tra):
+    # .COMMENT 7 28 62: strokes of 13 and 6 points; 19 steps keep every point.
+    seven = next(d for d in tra if (d.writer, d.index) == (28, 62))
+    assert [len(s) for s in seven.strokes] == [13, 6]
+    feats = to_tensor(seven.strokes, length=19)
+    assert torch.nonzero(feats[4]).flatten().tolist() == [13]
+    # The delta into step 13 is the pen's jump in the air, from (220, 158) to (206, 196).
+    ratio = feats[3, 13] / feats[2, 13]
+    assert ratio.item() == pytest.approx((196 - 158) / (206 - 220), rel=1e-5)
+    assert torch.nonzero(to_tensor(seven.strokes, length=37)[4]).flatten().tolist() == [26]
+    arc = to_tensor(seven.strokes, length=64, resample="arc")
+    assert arc.shape == (5, 64) and arc[4].sum() == 1
+
+
+def test_load_reads_a_one_digit_file(tmp_path, tra):
+    lines = raw_lines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(".SEGMENT")]
+    one = write(tmp_path / "eight.txt", "".join(lines[: starts[1]]))
+    torch.testing.assert_close(load(one, **OPTIONS), to_tensor(tra[0].strokes, **OPTIONS))
+    two = write(tmp_path / "two.txt", "".join(lines[: starts[2]]))
+    with pytest.raises(UnipenError, match="holds 2 digits"):
+        load(two, **OPTIONS)
+
+
+def test_augmentation_is_a_function_of_the_generator(tra):
+    x = to_tensor(tra[0].strokes, **OPTIONS)
+    opts = {**OPTIONS, "scale": 0.2, "rotate": 15, "shear": 0.2}
+
+    def run(seed, **extra):
+        return augment(x, True, generator=torch.Generator().manual_seed(seed), **{**opts, **extra})
+
+    assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
+    assert augment(x, False, generator=torch.Generator(), **opts) is x
+    # Without noise the deltas stay the deltas of the mapped path, and the pen flag is kept.
+    mapped = run(5, noise=0.0)
+    torch.testing.assert_close(mapped[2:4, 1:], 10 * mapped[0:2].diff(dim=-1), atol=1e-5, rtol=0)
+    assert torch.equal(mapped[4], x[4]) and not torch.allclose(mapped[:2], x[:2])
+
+
+def test_stem_turns_64_steps_into_16_tokens():
+    for size in ("tiny", "base"):
+        enc = build_encoder("pen", 32, size, overrides={"depth": 1}).eval()
+        assert enc.stem.num_tokens == 16 and enc.pos_embed.shape[1] == 17
+        assert enc(torch.randn(3, 5, 64)).shape == (3, 32)
+    window = build_encoder("pen", 32, "tiny", overrides={"depth": 1, "window": 4})
+    assert window.stem.num_tokens == 16  # IMU's linear window stem fits too
+    with pytest.raises(ValueError, match=r"expected input of shape \[B, 5, 64\]"):
+        enc(torch.randn(3, 64, 5))

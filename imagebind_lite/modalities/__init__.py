@@ -149,4 +149,4 @@ def build_encoder(
 
 
 # Built-in modalities register themselves on import.
-from . import anchor_towers, audio, depth, imu, thermal  # noqa: E402,F401
+from . import anchor_towers, audio, depth, imu, pen, thermal  # noqa: E402,F401
