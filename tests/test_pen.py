@@ -1,5 +1,5 @@
 """Pen trajectories: the UNIPEN reader on the shipped pendigits files, the [5, 64] features, the
-augmentation and the stem."""
+augmentation, the stem and the writer split."""
 
 import gzip
 import io
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from imagebind_lite.anchor import ASSETS
+from imagebind_lite.anchor import ASSETS, Anchor
+from imagebind_lite.cache import require_cacheable
+from imagebind_lite.config import load_config
+from imagebind_lite.data.datasets import get_dataset_builder
 from imagebind_lite.data.pendigits import UnipenError, load_pendigits, read_unipen
 from imagebind_lite.modalities import build_encoder, get_modality
 from imagebind_lite.modalities.pen import augment, load, to_tensor
@@ -179,3 +182,51 @@ def test_stem_turns_64_steps_into_16_tokens():
     assert window.stem.num_tokens == 16  # IMU's linear window stem fits too
     with pytest.raises(ValueError, match=r"expected input of shape \[B, 5, 64\]"):
         enc(torch.randn(3, 64, 5))
+
+
+@pytest.fixture(scope="module")
+def bundle(one_thread):
+    cfg = load_config(None, ["modality=pen", "data.dataset=pendigits", "anchor.pretrained=null"])
+    anchor = Anchor(cfg.anchor)
+    return anchor, get_dataset_builder("pendigits")(cfg, anchor, SPEC)
+
+
+def test_split_holds_out_whole_writers_and_pairs_the_same_digit(bundle):
+    anchor, bundle = bundle
+    train_set, paired = bundle.train, bundle.train.dataset
+    writers = [{i.split("-")[1] for i in ids} for ids in (paired.ids, bundle.eval.ids)]
+    assert [len(w) for w in writers] == [30, 14] and not writers[0] & writers[1]
+    assert bundle.info["train_digits"] == 7494 and bundle.info["test_digits"] == 3498
+    assert bundle.classnames[3] == "three" and "{}" in bundle.templates[0]
+    for index in (0, 1, 500, 7000):
+        sample = train_set[index]
+        assert sample["pen"].shape == (5, 64) and "vision" not in sample
+        same_digit = train_set.embeddings[paired.by_digit[sample["label"]]]
+        assert (same_digit == sample["anchor_embedding"]).all(-1).any()
+    # The embeddings are the anchor's, image for image.
+    views = paired.anchor_view_ids(1)
+    pixels = torch.stack([paired.anchor_input(v) for v in views[:3]])
+    torch.testing.assert_close(train_set.embeddings[:3], anchor.encode_image(pixels))
+    # Pairing and augmentation are drawn per (seed, epoch, index): repeatable, new each epoch.
+    first = train_set[9]
+    assert torch.equal(first["pen"], train_set[9]["pen"])
+    train_set.set_epoch(1)
+    assert not torch.equal(first["pen"], train_set[9]["pen"])
+    train_set.set_epoch(0)
+    assert torch.equal(first["pen"], train_set[9]["pen"])
+    # An on-disk anchor cache (train/cache_anchor.py, anchor.cache) can still take over.
+    require_cacheable(train_set)
+    train_set.use_anchor_views(1)
+    assert "anchor_embedding" not in train_set[0] and train_set[0]["view_id"] in views
+    train_set.use_anchor_views(None)
+    assert "anchor_embedding" in train_set[0]
+    # Evaluation digits are not augmented.
+    tes = read_unipen(TES)
+    torch.testing.assert_close(bundle.eval[5]["pen"], to_tensor(tes[5].strokes, **OPTIONS))
+    assert bundle.eval[5]["id"] == f"pen-w{tes[5].writer + 30:02d}-{tes[5].index:03d}"
+
+
+def test_only_pen_pairs_with_pendigits():
+    cfg = load_config(None, ["data.dataset=pendigits"])
+    with pytest.raises(ValueError, match="pairs images with pen trajectories, not 'audio'"):
+        get_dataset_builder("pendigits")(cfg, None, get_modality("audio"))

@@ -94,4 +94,4 @@ def collate(samples: list[dict]) -> dict:
 
 
 # Built-in datasets register themselves on import.
-from . import adapters, avmnist, manifest, scenes, shards  # noqa: E402,F401
+from . import adapters, avmnist, manifest, pendigits, scenes, shards  # noqa: E402,F401

@@ -1,5 +1,5 @@
-"""UCI pendigits: pen trajectories of handwritten digits in UNIPEN text (a copy ships in
-``assets/pendigits``, see ATTRIBUTION.md), and a reader for them.
+"""Pen trajectories of handwritten digits (UCI pendigits, raw UNIPEN text; a copy ships in
+``assets/pendigits``, see ATTRIBUTION.md) paired with UCI digit images of the same digit.
 
 The reader reads the UNIPEN subset these files use: header keywords (``.INCLUDE``,
 ``.LEXICON``, ...; skipped), then per digit ``.SEGMENT DIGIT <strokes> ? "<label>"`` (strokes:
@@ -9,7 +9,17 @@ skipped). Anything else raises ``UnipenError``: one line naming the file, the li
 problem.
 
 Splits: train = the 30 writers of ``pendigits-orig.tra``, eval = the 14 other writers of
-``pendigits-orig.tes`` (their ids restart at 1 there; here they are 31-44).
+``pendigits-orig.tes`` (their ids restart at 1 there; here they are 31-44). Each training digit
+is paired with a random training image of its digit, drawn again every time it is read, with
+the audio demo's pairing (``avmnist.PairedAudioImages``): the pen encoder sees images only
+through the frozen anchor and never sees text. The images are not augmented, so the builder
+embeds each once with the anchor (``EmbeddedImages``) and training batches carry those
+embeddings, not pixels.
+
+Options: ``data.root`` (a folder holding ``pendigits-orig.tra.gz`` and ``pendigits-orig.tes.gz``;
+default: the shipped copy), ``data.options.image_root`` (a folder with ``digits.csv.gz``; default:
+the audio demo's), ``data.options.embed_images`` (default true; false sends pixels to the anchor
+every step, as the audio demo does). With ``anchor.cache`` the trainer reads that cache instead.
 """
 
 from __future__ import annotations
@@ -21,8 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from ..anchor import ASSETS
+from . import avmnist
+from .datasets import DatasetBundle, register_dataset
 
 DEFAULT_ROOT = ASSETS / "pendigits"
 TRAIN_FILE, TEST_FILE = "pendigits-orig.tra.gz", "pendigits-orig.tes.gz"
@@ -180,3 +194,105 @@ def load_pendigits(root: Path = DEFAULT_ROOT) -> tuple[list[PenDigit], list[PenD
     for digit in test:
         digit.writer += TEST_WRITER_OFFSET
     return train, test
+
+
+def digit_id(digit: PenDigit) -> str:
+    return f"pen-w{digit.writer:02d}-{digit.index:03d}"
+
+
+class EmbeddedImages(Dataset):
+    """A paired training set whose images are replaced by the frozen anchor's embeddings of them,
+    computed once when the dataset is built (an in-memory anchor cache): the images are never
+    augmented, so each has one embedding, and the anchor's image tower, two thirds of a CPU
+    training step here, leaves the loop. Samples carry ``"anchor_embedding"`` instead of
+    ``"vision"``; the pairing draws are the wrapped set's. It keeps the cache protocol of
+    ``imagebind_lite.cache``, so ``train/cache_anchor.py`` and ``anchor.cache`` still work: once
+    an on-disk cache takes over (``use_anchor_views``), samples name their view instead."""
+
+    max_anchor_views = 1
+
+    def __init__(self, dataset, anchor, batch_size: int = 256):
+        self.dataset = dataset
+        views = list(dataset.anchor_view_ids(1))
+        self.row = {view: i for i, view in enumerate(views)}
+        chunks, device = [], next(anchor.model.parameters()).device
+        with torch.no_grad():
+            for i in range(0, len(views), batch_size):
+                pixels = torch.stack([dataset.anchor_input(v) for v in views[i : i + batch_size]])
+                chunks.append(anchor.encode_image(pixels.to(device)).float().cpu())
+        self.embeddings = torch.cat(chunks)
+        dataset.use_anchor_views(1)
+        self.external = False
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if not self.external:
+            sample["anchor_embedding"] = self.embeddings[self.row[sample.pop("view_id")]]
+        return sample
+
+    def anchor_view_ids(self, views: int = 1) -> list[str]:
+        return self.dataset.anchor_view_ids(views)
+
+    def anchor_input(self, view_id: str) -> torch.Tensor:
+        return self.dataset.anchor_input(view_id)
+
+    def use_anchor_views(self, views: int | None) -> None:
+        self.external = views is not None
+        self.dataset.use_anchor_views(views if self.external else 1)
+
+
+@register_dataset("pendigits")
+def build_pendigits(cfg, anchor, spec) -> DatasetBundle:
+    if spec.name != "pen":
+        raise ValueError(f"dataset pendigits pairs images with pen trajectories, not {spec.name!r}")
+    from ..modalities import pen  # here, not at the top: the modality imports this module
+
+    root = Path(cfg.data.root) if cfg.data.root else DEFAULT_ROOT
+    image_root = Path(cfg.data.options.get("image_root") or avmnist.DEFAULT_ROOT)
+    options = {**spec.preprocess, **cfg.data.preprocess}
+    train_digits, test_digits = load_pendigits(root)
+
+    def tensors(digits):
+        feats = torch.stack([pen.to_tensor(d.strokes, **options) for d in digits])
+        return feats, torch.tensor([d.label for d in digits]), [digit_id(d) for d in digits]
+
+    images, image_labels = avmnist.load_digit_images(image_root)
+    train_images = avmnist.image_split(len(images))  # the images the shipped anchor trained on
+    pixels = anchor.normalize_pixels(avmnist.digits_to_pixels(images, anchor.image_size[0]))
+
+    def augment(x, generator=None):
+        return spec.augment(x, train=True, generator=generator, **options)
+
+    train = avmnist.PairedAudioImages(
+        *tensors(train_digits),
+        pixels[train_images],
+        image_labels[train_images],
+        "pen",
+        augment,
+        seed=cfg.seed,
+        # The same view ids as the audio demo: rows of the whole digit table.
+        image_ids=[f"digit-image-{int(i)}" for i in torch.nonzero(train_images).flatten()],
+    )
+    if not cfg.anchor.cache and cfg.data.options.get("embed_images", True):
+        train = EmbeddedImages(train, anchor)  # with anchor.cache, the trainer reads that cache
+    test = avmnist.ClipSet(*tensors(test_digits), "pen")
+    return DatasetBundle(
+        train=train,
+        eval=test,
+        classnames=avmnist.DIGIT_NAMES,
+        templates=avmnist.DIGIT_TEMPLATES,
+        info={
+            "split": f"by writer: train = the 30 of {TRAIN_FILE}, eval = the 14 of {TEST_FILE}",
+            "train_writers": len({d.writer for d in train_digits}),
+            "test_writers": len({d.writer for d in test_digits}),
+            "train_digits": len(train),
+            "test_digits": len(test),
+            "train_images": int(train_images.sum()),
+        },
+    )

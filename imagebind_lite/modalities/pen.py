@@ -2,7 +2,8 @@
 
 A modality in one file, shaped like ``imu.py``: the stem, the sizes, the file reader, the
 preprocessing defaults and the augmentation are here. The reader of the UNIPEN text format is
-``imagebind_lite.data.pendigits.read_unipen``; the shipped data set is UCI pendigits.
+``imagebind_lite.data.pendigits.read_unipen``; the shipped data set is UCI pendigits
+(``data.dataset=pendigits``).
 
 Input: a float tensor [channels, length] = [5, 64]. The strokes' points are concatenated in
 writing order, centred on their mean, divided by their largest absolute coordinate (the aspect
