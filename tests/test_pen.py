@@ -1,12 +1,14 @@
 """Pen trajectories: the UNIPEN reader on the shipped pendigits files, the [5, 64] features, the
-augmentation, the stem and the writer split."""
+augmentation, the stem, the writer split, and a short real training run."""
 
 import gzip
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, tiny_overrides
 
 from imagebind_lite.anchor import ASSETS, Anchor
 from imagebind_lite.cache import require_cacheable
@@ -15,6 +17,7 @@ from imagebind_lite.data.datasets import get_dataset_builder
 from imagebind_lite.data.pendigits import UnipenError, load_pendigits, read_unipen
 from imagebind_lite.modalities import build_encoder, get_modality
 from imagebind_lite.modalities.pen import augment, load, to_tensor
+from imagebind_lite.train import train
 
 ROOT = ASSETS / "pendigits"
 TRA, TES = ROOT / "pendigits-orig.tra.gz", ROOT / "pendigits-orig.tes.gz"
@@ -230,3 +233,36 @@ def test_only_pen_pairs_with_pendigits():
     cfg = load_config(None, ["data.dataset=pendigits"])
     with pytest.raises(ValueError, match="pairs images with pen trajectories, not 'audio'"):
         get_dataset_builder("pendigits")(cfg, None, get_modality("audio"))
+
+
+def test_a_short_run_learns_zero_shot_digits_from_the_anchor(tmp_path, one_thread):
+    cfg = load_config(
+        REPO / "configs" / "pen.yaml",
+        tiny_overrides(
+            tmp_path,
+            "anchor.pretrained=imagebind_lite:tiny-clip-digits-scenes",  # the digit anchor
+            "data.batch_size=64",
+            "optim.max_steps=40",
+            "optim.warmup_epochs=0.1",
+            "log_every=1",
+            "tracker=null",
+        ),
+    )
+    metrics = train(cfg, quiet=True)
+    saved = json.loads((tmp_path / "pen-pendigits" / "metrics.json").read_text())
+    assert saved["steps"] == 40 and saved["num_eval"] == 3498 and saved["data_test_writers"] == 14
+    # An encoder that knows nothing of the pairing scores at least log(batch) on average.
+    assert metrics["final_loss"] < 0.8 * np.log(64)
+    assert metrics["zero_shot_top1"] > 0.3  # chance is 0.1
+
+    # The saved model reads a pen file with the preprocessing it was trained with.
+    from imagebind_lite.checkpoint import load_run
+
+    encoder, anchor, config = load_run(tmp_path / "pen-pendigits")
+    assert config["preprocess"]["length"] == 64 and config["preprocess"]["resample"] == "time"
+    lines = raw_lines(TES)
+    starts = [i for i, line in enumerate(lines) if line.startswith(".SEGMENT")]
+    eight = tmp_path / "eight.txt"
+    eight.write_text("".join(lines[: starts[1]]))  # .tes's first digit, an 8
+    emb = encoder.eval()(load(eight, **config["preprocess"])[None])
+    assert emb.shape == (1, anchor.embed_dim)
