@@ -242,3 +242,24 @@ def test_arithmetic_and_inputs():
     assert parse_input("text:a dog: barking") == ("text", "a dog: barking")
     assert parse_input("depth:x.png") == ("depth", "x.png")
     assert parse_input("image:x.png") == ("vision", "x.png")
+
+
+def test_class_retrieval_top1_and_map_by_hand():
+    from imagebind_lite.evaluation.metrics import class_retrieval
+
+    # Gallery on a circle at known angles; queries point at chosen directions. Classes: 0 0 1 1 2.
+    angles = torch.tensor([0.0, 0.3, 1.0, 1.2, 3.0])
+    gallery = torch.stack([angles.cos(), angles.sin()], 1).double()
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]).double()
+    result = class_retrieval(queries, torch.tensor([0, 0, 2]), gallery, labels)
+    # Query 0 (angle 0): ranking 0, 1, 2, 3, 4 -> relevant at ranks 1, 2: AP 1; nearest class 0.
+    # Query 1 (angle pi/2): cosines 0, .296, .841, .932, .141 -> ranking 3, 2, 1, 4, 0;
+    # relevant (class 0) at ranks 3 and 5: AP = (1/3 + 2/5) / 2; nearest is class 1: a miss.
+    # Query 2 (angle pi): ranking 4, ... -> class 2 at rank 1: AP 1; nearest class 2.
+    assert result["top1"] == pytest.approx(2 / 3)
+    assert result["mAP"] == pytest.approx((1 + (1 / 3 + 2 / 5) / 2 + 1) / 3)
+    assert (result["queries"], result["gallery"]) == (3, 5)
+    # A query whose class is absent from the gallery is left out of the mean, not scored 0.
+    absent = class_retrieval(queries[:1], torch.tensor([7]), gallery, labels)
+    assert absent["top1"] == 0.0 and math.isnan(absent["mAP"])

@@ -25,6 +25,7 @@ __all__ = [
     "chunked_ranks",
     "chunked_retrieval_metrics",
     "chunked_topk",
+    "class_retrieval",
     "dense_ranks",
     "mean_average_precision",
     "metrics_from_ranks",
@@ -236,6 +237,30 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> dict:
         "mAP": float(ap[scored].mean()),
         "classes_scored": int(scored.sum()),
         "per_class_ap": ap.tolist(),
+    }
+
+
+def class_retrieval(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+) -> dict:
+    """Retrieval by class between two embedding sets (e.g. two modalities that never met in
+    training): ``top1``, how often the nearest gallery item has the query's class, and ``mAP``,
+    the mean over queries of the average precision of the ranking with relevant = same class
+    (queries whose class is absent from the gallery are left out of the mean)."""
+    scores = _floating(queries) @ _floating(gallery).T  # [Q, G]
+    relevant = query_labels.view(-1, 1) == gallery_labels.view(1, -1)
+    nearest = scores.argmax(dim=1)
+    top1 = relevant[torch.arange(len(queries)), nearest].float().mean()
+    ap = average_precision(scores.T, relevant.T.float())  # one column per query
+    scored = ~torch.isnan(ap)
+    return {
+        "top1": float(top1),
+        "mAP": float(ap[scored].mean()) if scored.any() else float("nan"),
+        "queries": len(queries),
+        "gallery": len(gallery),
     }
 
 
