@@ -16,7 +16,15 @@ from imagebind_lite.anchor import Anchor
 from imagebind_lite.checkpoint import load_run
 from imagebind_lite.config import AnchorConfig, load_config
 from imagebind_lite.modalities import build_encoder
-from imagebind_lite.train import AlignmentModule, latest_checkpoint, param_groups, train, train_step
+from imagebind_lite.train import (
+    AlignmentModule,
+    AlignmentObjective,
+    StepContext,
+    latest_checkpoint,
+    param_groups,
+    train,
+    train_step,
+)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -64,7 +72,8 @@ def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {"vision": torch.randn(8, 3, 32, 32), "depth": torch.randn(8, 1, 32, 32)}
-    loss = train_step(model, anchor, batch, "depth", 0.2, 1, accelerator, optimizer, 1.0)
+    objective = AlignmentObjective(anchor, "depth", temperature=0.2, accum=1)
+    loss = train_step(StepContext(accelerator, model, optimizer, objective, grad_clip=1.0), batch)
     assert loss > 0
     assert all(torch.equal(anchor_before[k], v) for k, v in anchor.state_dict().items())
     assert all(p.grad is None for p in anchor.parameters())
