@@ -1,10 +1,12 @@
-"""End to end: a tiny run, two real ranks through accelerate launch, and kill -9 + --resume."""
+"""End to end: a tiny run, two real ranks through accelerate launch, and kill -9 + --resume
+(the tiny depth run, and the default audio run with its drop path, stopped at a fixed step)."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -27,6 +29,26 @@ from imagebind_lite.train import (
 )
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# ``train/align_audio.py`` that kills itself with SIGKILL as soon as the checkpoint of step
+# ``KILL_AT`` is complete: an interruption at a known step, whatever the machine's speed.
+KILLED_AFTER_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import imagebind_lite.training.loop as loop
+    from imagebind_lite.cli import train_main
+
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *rest):
+        save(accelerator, run_dir, step, *rest)
+        if step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    loop.save_checkpoint = save_then_die
+    train_main("audio.yaml", sys.argv[1:])
+    """
+)
 
 
 def depth_overrides(tmp_path, *extra):
@@ -116,7 +138,9 @@ def test_two_ranks_train_as_one_global_batch(tmp_path):
 
 def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     common = ["train/align_depth.py"]
-    base = depth_overrides(tmp_path / "a", "optim.epochs=3")
+    # Two blocks with drop path: the second block's masks must be drawn alike after the resume.
+    drop_path = "encoder.overrides={depth: 2, drop_path: 0.2}"
+    base = depth_overrides(tmp_path / "a", "optim.epochs=3", drop_path)
     reference = subprocess.run(
         [sys.executable, *common, *base],
         cwd=REPO,
@@ -127,7 +151,7 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3")
+    interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3", drop_path)
     proc = subprocess.Popen(
         [sys.executable, *common, *interrupted],
         cwd=REPO,
@@ -161,3 +185,49 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_default_audio_run_with_drop_path_resumes_bit_for_bit(tmp_path):
+    # configs/audio.yaml as shipped (augmentation, drop path 0.1, the shipped anchor), made short:
+    # 7 steps per epoch, checkpoints at 3 and 6, killed after 6, resumed across the epoch end.
+    def overrides(out):
+        return [
+            f"output_dir={out}",
+            "tracker=null",
+            "optim.max_steps=8",
+            "checkpoint_every=3",
+            "data.batch_size=256",
+            "encoder.overrides={depth: 2}",  # drop path rises 0 -> 0.1: the second block drops
+        ]
+
+    def run(args, **env):
+        return subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO,
+            env={**ENV, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    reference = run(["train/align_audio.py", *overrides(tmp_path / "a")])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = run(["-c", KILLED_AFTER_CHECKPOINT, *overrides(tmp_path / "b")], KILL_AT="6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "b" / "audio-avmnist"
+    assert latest_checkpoint(run_dir).name == "step_00000006"
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run(["train/align_audio.py", "--resume", *overrides(tmp_path / "b")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from step 6" in resumed.stdout + resumed.stderr
+
+    encoder, _, _ = load_run(run_dir)
+    assert [round(b.drop_path.drop_prob, 6) for b in encoder.trunk.blocks[1:]] == [0.1]
+    a = load_file(str(tmp_path / "a/audio-avmnist/model/model.safetensors"))
+    b = load_file(str(run_dir / "model/model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    first = json.loads((tmp_path / "a/audio-avmnist/metrics.json").read_text())
+    second = json.loads((run_dir / "metrics.json").read_text())
+    assert first["steps"] == second["steps"] == 8
+    assert first["final_loss"] == second["final_loss"]

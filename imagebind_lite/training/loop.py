@@ -15,10 +15,19 @@ Read top to bottom: build (one Accelerator construction, AdamW over the task's p
 linear warm-up then cosine, a DataLoader whose batch is one optimizer step on one process), the
 step (``train_step``: the objective's backward, grad clip, AdamW), checkpoint/resume (Accelerate
 state plus ``state.json``, renamed into place when complete), then the epochs and ``fit``.
+
+Randomness. A resumed run reproduces the uninterrupted one bit for bit: torch's global RNG is
+reseeded from (seed, epoch) before each epoch's DataLoader iterator is created (its base seed,
+hence the workers' seeds) and from (seed, step, process index) before each step (drop path,
+dropout, anything a model draws), so no draw depends on how much of the stream earlier code
+consumed, before or after a restart. The shuffle order is Accelerate's seedable sampler's
+(seed + epoch). Datasets draw per-sample randomness from generators seeded by (seed, epoch,
+index) (``imagebind_lite.data.datasets.EpochRandom``), not from the global RNG.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -239,6 +248,12 @@ def prepare_run(task: Task, accelerator: Accelerator) -> Run:
 # ------------------------------------------------------------------------- the step
 
 
+def reseed(seed: int, *keys) -> None:
+    """Seed torch's global RNG (CPU and every GPU) from ``(seed, *keys)``."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def train_step(ctx: StepContext, batch) -> float:
     """One optimizer step: the objective's backward pass(es), grad clip, AdamW."""
     loss = ctx.objective.backward(ctx, batch)
@@ -250,8 +265,9 @@ def train_step(ctx: StepContext, batch) -> float:
     return loss
 
 
-def advance(run: Run, batch) -> None:
-    """``train_step``, then the schedule and the run's counters."""
+def advance(run: Run, seed: int, batch) -> None:
+    """``train_step`` with the RNG seeded by the step, then the schedule and the counters."""
+    reseed(seed, "step", run.step, run.accelerator.process_index)
     run.loss = train_step(run.ctx, batch)
     run.scheduler.step()
     run.step += 1
@@ -350,11 +366,13 @@ def sum_counters(accelerator, counter: Counter) -> Counter:
 # ------------------------------------------------------------------------- epochs and the run
 
 
-def epoch_batches(run: Run, epoch: int, offset: int):
-    """The batches of ``epoch`` from batch ``offset`` on (a resume mid-epoch)."""
+def epoch_batches(run: Run, seed: int, epoch: int, offset: int):
+    """The batches of ``epoch`` from batch ``offset`` on (a resume mid-epoch). The iterator is
+    created right after this returns, with the RNG seeded by the epoch."""
     run.loader.set_epoch(epoch)
     if hasattr(run.train_set, "set_epoch"):
         run.train_set.set_epoch(epoch)
+    reseed(seed, "epoch", epoch)
     return run.accelerator.skip_first_batches(run.loader, offset) if offset else run.loader
 
 
@@ -366,8 +384,8 @@ def train_epochs(task: Task, run: Run) -> None:
     run.model.train()
     while run.step < run.total_steps:
         epoch, offset = divmod(run.step, run.steps_per_epoch)
-        for batch in epoch_batches(run, epoch, offset):
-            advance(run, batch)
+        for batch in epoch_batches(run, s.seed, epoch, offset):
+            advance(run, s.seed, batch)
             log_progress(s, run, bar, epoch, run.trained_samples / (time.perf_counter() - start))
             maybe_checkpoint(s, run)
             if run.step >= run.total_steps:
