@@ -92,6 +92,10 @@ def validate_config(cfg: TrainConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{name}: must be at least 1, got {value}")
+    if cfg.eval.every_epochs < 0:
+        raise ConfigError(
+            f"eval.every_epochs: must be 0 (only at the end) or more, got {cfg.eval.every_epochs}"
+        )
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
         raise ConfigError(f"data.root: folder not found: {cfg.data.root}")
     validate_anchor_config(cfg.anchor)

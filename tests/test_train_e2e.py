@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -80,6 +81,30 @@ def test_tiny_audio_run_writes_the_run_folder(tmp_path):
     # A second run with the same name never overwrites the first.
     train(cfg, quiet=True)
     assert (tmp_path / "audio-avmnist-1" / "metrics.json").is_file()
+
+
+def test_eval_every_epochs_evaluates_at_those_epochs_without_changing_training(tmp_path, capsys):
+    from imagebind_lite.evaluation.report import read_training_curves
+
+    runs = {}
+    for every in (0, 2):
+        overrides = depth_overrides(
+            tmp_path, "optim.epochs=3", "tracker=tensorboard", f"eval.every_epochs={every}"
+        )
+        cfg = load_config(REPO / "configs/depth.yaml", [*overrides, f"run_name=every{every}"])
+        runs[every] = Path(train(cfg, quiet=True)["run_dir"])
+        printed = [line for line in capsys.readouterr().out.splitlines() if "eval epoch" in line]
+        # 256 scenes / 32 = 8 steps per epoch; the last step is the final evaluation's.
+        logged = read_training_curves(runs[every], ("eval/zero_shot_top1",))
+        if every == 0:
+            assert printed == [] and logged["eval/zero_shot_top1"][0] == [24]
+        else:
+            assert len(printed) == 1 and printed[0].startswith("eval epoch 2 step 16: ")
+            assert "zero_shot_top1=" in printed[0]
+            assert logged["eval/zero_shot_top1"][0] == [16, 24]
+    # Evaluating in between draws nothing from the training's randomness.
+    a, b = (load_file(str(runs[e] / "model/model.safetensors")) for e in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():

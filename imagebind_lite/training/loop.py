@@ -376,6 +376,27 @@ def epoch_batches(run: Run, seed: int, epoch: int, offset: int):
     return run.accelerator.skip_first_batches(run.loader, offset) if offset else run.loader
 
 
+def maybe_evaluate(task: Task, run: Run) -> float:
+    """After every ``eval_every_epochs``-th epoch (but not the last step, which ``finish``
+    evaluates): the task's metrics to the tracker as ``eval/*`` and one printed line. Returns
+    the seconds it took, which do not count as training time."""
+    every, spe = task.settings.eval_every_epochs, run.steps_per_epoch
+    if not every or run.step % spe or run.step >= run.total_steps or (run.step // spe) % every:
+        return 0.0
+    start = time.perf_counter()
+    metrics = task.evaluate(run)
+    if run.accelerator.is_main_process and metrics:
+        if task.settings.tracker:
+            log_scalars(run.accelerator, "eval", metrics, run.step)
+        shown = [
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        tqdm.write(f"eval epoch {run.step // spe} step {run.step}: {' '.join(shown)}")
+    return time.perf_counter() - start
+
+
 def train_epochs(task: Task, run: Run) -> None:
     s = task.settings
     main = run.accelerator.is_main_process
@@ -387,6 +408,7 @@ def train_epochs(task: Task, run: Run) -> None:
         for batch in epoch_batches(run, s.seed, epoch, offset):
             advance(run, s.seed, batch)
             log_progress(s, run, bar, epoch, run.trained_samples / (time.perf_counter() - start))
+            start += maybe_evaluate(task, run)
             maybe_checkpoint(s, run)
             if run.step >= run.total_steps:
                 break
