@@ -4,7 +4,7 @@ The pieces a researcher looks for first:
 - the encoder: ``imagebind_lite.models.encoder.ModalityEncoder`` (stem -> ViT trunk -> head)
 - the modality registry: ``imagebind_lite.modalities`` (``register_modality``, ``build_encoder``)
 - the loss: ``imagebind_lite.loss.info_nce``
-- the loop: ``imagebind_lite.train.train``
+- the loop: ``imagebind_lite.training.loop`` (``fit``), run by ``imagebind_lite.train.train``
 """
 
 from .checkpoint import load_model, save_model
