@@ -62,6 +62,23 @@ def depth_overrides(tmp_path, *extra):
     )
 
 
+def test_the_loop_imports_no_evaluation_cache_or_interop():
+    # Layering: core <- data <- training loop <- evaluation / interop / cache <- tasks.
+    import ast
+
+    for path in (REPO / "imagebind_lite" / "training").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # also catches "from .. import cache"
+                names = [f"{node.module or ''}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                assert not {"evaluation", "cache", "interop"} & set(parts), (path, name)
+
+
 def test_tiny_audio_run_writes_the_run_folder(tmp_path):
     cfg = load_config(REPO / "configs/audio.yaml", tiny_overrides(tmp_path, "optim.max_steps=3"))
     metrics = train(cfg, quiet=True)
