@@ -35,7 +35,13 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagebind_lite.modalities import build_encoder, resolve_size
-from imagebind_lite.train import AlignmentModule, param_groups, train_step
+from imagebind_lite.train import (
+    AlignmentModule,
+    AlignmentObjective,
+    StepContext,
+    param_groups,
+    train_step,
+)
 
 FBANK = {"num_mel_bins": 128, "target_length": 204}  # ImageBind's audio input
 EMBED_DIM = 1024  # ImageBind-huge's joint space
@@ -136,8 +142,12 @@ def main(argv=None) -> dict:
         "anchor_embedding": torch.randn(args.batch, EMBED_DIM, generator=g).to(device),
     }
 
+    ctx = StepContext(
+        accelerator, model, optimizer, AlignmentObjective(None, "audio", TEMPERATURE), 1.0
+    )
+
     def step() -> float:
-        return train_step(model, None, batch, "audio", TEMPERATURE, 1, accelerator, optimizer, 1.0)
+        return train_step(ctx, batch)
 
     start = time.perf_counter()
     for _ in range(warmup):

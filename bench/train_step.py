@@ -43,7 +43,13 @@ from imagebind_lite.config import AnchorConfig
 from imagebind_lite.data.avmnist import PairedAudioImages
 from imagebind_lite.data.datasets import collate
 from imagebind_lite.modalities import build_encoder
-from imagebind_lite.train import AlignmentModule, param_groups, train_step
+from imagebind_lite.train import (
+    AlignmentModule,
+    AlignmentObjective,
+    StepContext,
+    param_groups,
+    train_step,
+)
 
 FBANK = {"num_mel_bins": 64, "target_length": 112}  # configs/audio.yaml
 TEMPERATURE = 0.05
@@ -107,17 +113,9 @@ class Run:
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def step(self, anchor) -> float:
-        return train_step(
-            self.model,
-            anchor,
-            self.next_batch(),
-            "audio",
-            TEMPERATURE,
-            1,
-            self.accelerator,
-            self.optimizer,
-            1.0,
-        )
+        objective = AlignmentObjective(anchor, "audio", TEMPERATURE)
+        ctx = StepContext(self.accelerator, self.model, self.optimizer, objective, grad_clip=1.0)
+        return train_step(ctx, self.next_batch())
 
     def timed(self, anchor, steps: int, batch: int) -> tuple[float, float]:
         """(samples per wall-clock second, CPU seconds of this process per sample)."""

@@ -8,13 +8,13 @@ The pieces a researcher looks for first:
 - the datasets: ``imagebind_lite.data`` (registry: ``data.registry``; shared parts and the
   evaluation mode: ``data.datasets``)
 - the loss: ``imagebind_lite.loss.info_nce``
-- the loop: ``imagebind_lite.train.train``
+- the loop: ``imagebind_lite.training.loop`` (``fit``), run by ``imagebind_lite.train.train``
 
 Layers (each imports only from the ones before it; ``tests/test_architecture.py`` checks):
 1. core: ``registry``, ``config``, ``loss``, ``lora``, ``models/``, ``anchor``, ``checkpoint``
 2. data: ``data/``, ``modalities/``, and ``builtins``, which registers the built-ins (this
    package imports it, so every entry point has them)
-3. the training loop (today inside ``train.py``, with the task)
+3. the training loop: ``training/`` (one loop; a task supplies batch -> loss, evaluation, saving)
 4. ``evaluation/``, ``interop/``, ``cache``, ``bound`` (``BoundModel``: every modality in one
    object)
 5. tasks: ``train``, ``anchor_finetune``

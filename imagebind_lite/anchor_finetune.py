@@ -36,6 +36,10 @@ over the class prompts when the classes are known, image -> caption retrieval R@
 held-out pairs have captions (both when both). The report goes into ``OUTPUT.json`` and into the
 checkpoint's metadata. The new weights have a new sha256, so ``Anchor.identity()`` changes and
 anchor caches written for the old anchor are refused (``imagebind_lite/cache.py``).
+
+Training is a task on the shared loop (``imagebind_lite/training/loop.py``: the Accelerator,
+AdamW, the warm-up/cosine schedule and the epochs are alignment's); this module supplies the
+domains, the trainable part of the model, the caption objective and the report.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +56,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from .anchor import file_sha256, validate_anchor_config
 from .config import AnchorConfig, ConfigError
@@ -66,6 +67,7 @@ from .data import bad_input as bi
 from .data.manifest import image_to_tensor, read_manifest, split_records
 from .evaluation.zero_shot import class_text_embeddings, retrieval_metrics, topk_accuracy
 from .lora import DEFAULT_TARGETS, apply_lora, merge_lora
+from .training.loop import LoopSettings, Objective, Run, StepContext, Task, TaskParts, fit
 
 BUILTIN_DOMAINS = ("digits", "scenes")
 TRAINABLE = ("full", "last_n", "lora")
@@ -468,19 +470,12 @@ def _describe_base(cfg: FinetuneConfig, pretrained: str | None) -> dict:
     return base
 
 
-# ------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------- the task
 
 
-def finetune_anchor(cfg: FinetuneConfig, quiet: bool = False) -> dict:
-    validate_finetune_config(cfg)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
-    model_name, pretrained = validate_anchor_config(cfg.anchor)
-    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    # The statistics Anchor normalises with later: the fine-tuned towers must see the same input.
+def anchor_normalizer(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Pixels in [0, 1] -> the input statistics ``Anchor`` normalises with later: the fine-tuned
+    towers must see the same input."""
     visual = model.visual
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
@@ -489,127 +484,152 @@ def finetune_anchor(cfg: FinetuneConfig, quiet: bool = False) -> dict:
     def normalize(x):
         return (x - mean.to(x)) / std.to(x)
 
-    domains = [load_domain(entry, cfg, size) for entry in cfg.domains]
-    device = accelerator.device
-    model.to(device)
-    before = {
-        d.name: evaluate_domain(model, tokenizer, d, normalize, device, cfg.eval_batch_size)
-        for d in domains
-    }
+    return normalize
 
-    loader = DataLoader(
-        PairTable(domains),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.num_workers,
-    )
-    if len(loader) == 0:
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} is larger than the {len(loader.dataset)} training pairs"
+
+class CaptionObjective(Objective):
+    """CLIP's contrastive loss on a batch of ``(pixels, domain, item)``: a caption is drawn per
+    image and step, and the images of augmented domains get a small random affine warp, both
+    from one generator seeded by ``seed``."""
+
+    def __init__(self, domains, tokenizer, normalize, loss_fn, seed: int, device):
+        self.domains, self.tokenizer, self.normalize = domains, tokenizer, normalize
+        self.loss_fn, self.device = loss_fn, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def backward(self, ctx: StepContext, batch) -> float:
+        pixels, batch_domains, batch_items = batch
+        g, domains = self.generator, self.domains
+        captions = [
+            domains[dom].train_captions(item, g)
+            for dom, item in zip(batch_domains.tolist(), batch_items.tolist())
+        ]
+        augment = torch.tensor([domains[d].augment for d in batch_domains.tolist()])
+        if augment.any():
+            pixels = pixels.clone()
+            pixels[augment] = random_affine(pixels[augment].cpu(), g).to(pixels)
+        image_features, text_features, logit_scale = ctx.model(
+            self.normalize(pixels), self.tokenizer(captions).to(self.device)
+        )[:3]
+        loss = self.loss_fn(image_features, text_features, logit_scale)
+        ctx.accelerator.backward(loss)
+        return loss.item()
+
+    def after_step(self, ctx: StepContext) -> None:
+        with torch.no_grad():  # CLIP's clamp keeps the learnable temperature sane
+            ctx.accelerator.unwrap_model(ctx.model).logit_scale.clamp_(0, math.log(100))
+
+
+class FinetuneTask(Task):
+    """Both towers of the open_clip anchor on the image-caption pairs of ``cfg.domains``."""
+
+    def __init__(self, cfg: FinetuneConfig, quiet: bool = False):
+        self.cfg = cfg
+        self.settings = LoopSettings(
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+            warmup_epochs=cfg.warmup_epochs,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            desc="fine-tune anchor",
+            quiet=quiet,
         )
-    try:
-        adapted = set_trainable(
-            model, cfg.trainable, cfg.last_n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
+
+    def build(self, accelerator: Accelerator) -> TaskParts:
+        cfg, device = self.cfg, accelerator.device
+        self.model_name, self.pretrained = validate_anchor_config(cfg.anchor)
+        model, _, _ = open_clip.create_model_and_transforms(
+            self.model_name, pretrained=self.pretrained
         )
-    except ValueError as err:
-        raise ConfigError(f"lora_targets: {err}") from None
-    model.to(device)  # new adapters are created on the base layer's device; this is a no-op
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    total = cfg.epochs * len(loader)
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    warmup = int(cfg.warmup_epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / max(1, warmup)
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-        ),
-    )
-    loss_fn = open_clip.ClipLoss(
-        world_size=accelerator.num_processes, rank=accelerator.process_index, gather_with_grad=True
-    )
-    g = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
-    bar = tqdm(
-        total=total, disable=quiet or not accelerator.is_main_process, desc="fine-tune anchor"
-    )
-    step, loss_value = 0, float("nan")
-    model.train()
-    while step < total:
-        for batch_pixels, batch_domains, batch_items in loader:
-            captions = [
-                domains[dom].train_captions(item, g)
-                for dom, item in zip(batch_domains.tolist(), batch_items.tolist())
-            ]
-            augment = torch.tensor([domains[d].augment for d in batch_domains.tolist()])
-            if augment.any():
-                batch_pixels = batch_pixels.clone()
-                batch_pixels[augment] = random_affine(batch_pixels[augment].cpu(), g).to(
-                    batch_pixels
-                )
-            image_features, text_features, logit_scale = model(
-                normalize(batch_pixels), tokenizer(captions).to(device)
-            )[:3]
-            loss = loss_fn(image_features, text_features, logit_scale)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # CLIP's clamp keeps the learnable temperature sane
-                accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
-            step += 1
-            loss_value = loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if step >= total:
-                break
-    bar.close()
-    seconds = time.perf_counter() - start
-    model = accelerator.unwrap_model(model)
-    # What is evaluated is what is saved: the adapters folded into plain open_clip weights.
-    merge_lora(model)
-    after = {
-        d.name: evaluate_domain(model, tokenizer, d, normalize, device, cfg.eval_batch_size)
-        for d in domains
-    }
-    classified = [d.name for d in domains if "top1" in before[d.name]]
-    result = {
-        "image_to_text_before": before,
-        "image_to_text_after": after,
-        # The keys of the shipped anchor's report: top-1 of the domains with classes.
-        "image_to_text_top1_before": {n: before[n]["top1"] for n in classified},
-        "image_to_text_top1_after": {n: after[n]["top1"] for n in classified},
-        "eval_sizes": {d.name: len(d.eval_images) for d in domains},
-        "train_seconds": seconds,
-        "steps": step,
-        "final_loss": loss_value,
-        "trainable": cfg.trainable,
-        "trainable_parameters": trainable_params,
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "base": _describe_base(cfg, pretrained),
-    }
-    if any(d.info for d in domains):  # where each manifest domain came from, its sizes
-        result["domains"] = {d.name: d.info for d in domains if d.info}
-    if cfg.trainable == "last_n":
-        result["last_n"] = cfg.last_n
-    if cfg.trainable == "lora":
-        result["lora"] = {
-            "rank": cfg.lora_rank,
-            "alpha": cfg.lora_alpha,
-            "targets": list(cfg.lora_targets),
-            "adapted_layers": len(adapted),
-            "merged": True,
+        self.tokenizer = open_clip.get_tokenizer(self.model_name)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        self.normalize = anchor_normalizer(model)
+        self.domains = [load_domain(entry, cfg, size) for entry in cfg.domains]
+        model.to(device)
+        self.before = self.evaluate_domains(model, device)
+        try:
+            self.adapted = set_trainable(
+                model, cfg.trainable, cfg.last_n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
+            )
+        except ValueError as err:
+            raise ConfigError(f"lora_targets: {err}") from None
+        model.to(device)  # new adapters are created on the base layer's device; this is a no-op
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in params)
+        loss_fn = open_clip.ClipLoss(
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
+            gather_with_grad=True,
+        )
+        objective = CaptionObjective(
+            self.domains, self.tokenizer, self.normalize, loss_fn, cfg.seed, device
+        )
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+        return TaskParts(model, groups, PairTable(self.domains), objective)
+
+    def batch_too_large(self, processes: int, samples: int) -> str:
+        per = "" if processes == 1 else f" per process x {processes} processes"
+        return f"batch_size: {self.cfg.batch_size}{per} is larger than the {samples} training pairs"
+
+    def evaluate_domains(self, model, device) -> dict:
+        return {
+            d.name: evaluate_domain(
+                model, self.tokenizer, d, self.normalize, device, self.cfg.eval_batch_size
+            )
+            for d in self.domains
         }
-    if accelerator.is_main_process:
-        dtype = SAVE_DTYPES[cfg.save_dtype]
+
+    def finish(self, run: Run) -> dict:
+        """Fold LoRA into the weights, evaluate what is saved, write OUTPUT and OUTPUT.json."""
+        model = run.accelerator.unwrap_model(run.model)
+        # What is evaluated is what is saved: the adapters folded into plain open_clip weights.
+        merge_lora(model)
+        after = self.evaluate_domains(model, run.accelerator.device)
+        result = self.report(run, model, after)
+        if run.accelerator.is_main_process:
+            self.save(model, result)
+        return result
+
+    def report(self, run: Run, model, after: dict) -> dict:
+        cfg, before, domains = self.cfg, self.before, self.domains
+        classified = [d.name for d in domains if "top1" in before[d.name]]
+        result = {
+            "image_to_text_before": before,
+            "image_to_text_after": after,
+            # The keys of the shipped anchor's report: top-1 of the domains with classes.
+            "image_to_text_top1_before": {n: before[n]["top1"] for n in classified},
+            "image_to_text_top1_after": {n: after[n]["top1"] for n in classified},
+            "eval_sizes": {d.name: len(d.eval_images) for d in domains},
+            "train_seconds": run.seconds,
+            "steps": run.step,
+            "final_loss": run.loss,
+            "trainable": cfg.trainable,
+            "trainable_parameters": self.trainable_params,
+            "total_parameters": sum(p.numel() for p in model.parameters()),
+            "base": _describe_base(cfg, self.pretrained),
+        }
+        if any(d.info for d in domains):  # where each manifest domain came from, its sizes
+            result["domains"] = {d.name: d.info for d in domains if d.info}
+        if cfg.trainable == "last_n":
+            result["last_n"] = cfg.last_n
+        if cfg.trainable == "lora":
+            result["lora"] = {
+                "rank": cfg.lora_rank,
+                "alpha": cfg.lora_alpha,
+                "targets": list(cfg.lora_targets),
+                "adapted_layers": len(self.adapted),
+                "merged": True,
+            }
+        return result
+
+    def save(self, model, result: dict) -> None:
+        """The weights in ``save_dtype`` with the report as metadata, then ``OUTPUT.json``;
+        adds ``output``, ``sha256`` and ``use_as_anchor`` to ``result``."""
+        cfg, dtype = self.cfg, SAVE_DTYPES[self.cfg.save_dtype]
         state = {
             k: v.detach().to(dtype if v.is_floating_point() else v.dtype).cpu().contiguous()
             for k, v in model.state_dict().items()
@@ -617,7 +637,8 @@ def finetune_anchor(cfg: FinetuneConfig, quiet: bool = False) -> dict:
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        save_file(state, str(tmp), metadata={"model": model_name, "finetune": json.dumps(result)})
+        metadata = {"model": self.model_name, "finetune": json.dumps(result)}
+        save_file(state, str(tmp), metadata=metadata)
         tmp.replace(out)
         result["output"] = str(out)
         result["sha256"] = file_sha256(out, 16)  # what Anchor.identity() will report
@@ -626,5 +647,9 @@ def finetune_anchor(cfg: FinetuneConfig, quiet: bool = False) -> dict:
             f"anchor.pretrained={out}"
         )
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    accelerator.wait_for_everyone()
-    return result
+
+
+def finetune_anchor(cfg: FinetuneConfig, quiet: bool = False) -> dict:
+    """Fine-tune the anchor on ``cfg.domains``; returns the report (also in ``OUTPUT.json``)."""
+    validate_finetune_config(cfg)
+    return fit(FinetuneTask(cfg, quiet))

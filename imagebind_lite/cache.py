@@ -306,19 +306,6 @@ def write_anchor_cache(
     fp = anchor_fingerprint(anchor)
     plan = _plan_digest(view_ids, shard_size, dtype, fp)
     shards = [view_ids[i : i + shard_size] for i in range(0, len(view_ids), shard_size)]
-
-    manifest_path = out / MANIFEST
-    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    # Every process reaches the same verdict from the same file, so none waits on a crashed peer.
-    if previous is not None and not overwrite:
-        check_anchor(previous, anchor, f"--out {out}", fp, "use another --out or --overwrite")
-        if previous.get("plan") != plan:
-            raise ConfigError(
-                f"--out {out}: holds a cache of other views ({previous.get('num_entries')} "
-                f"entries, {previous.get('views')} view(s) per image, "
-                f"dataset {previous.get('dataset', {}).get('name')}); use another folder "
-                "or --overwrite"
-            )
     manifest = {
         "format": CACHE_FORMAT,
         "complete": False,
@@ -337,6 +324,36 @@ def write_anchor_cache(
         "world_size": acc.num_processes,
         "versions": _versions(),
     }
+    _open_cache_folder(out, manifest, anchor, acc, overwrite)
+    embed = _ShardWriter(anchor, dataset, out, plan, dtype, batch_size, num_workers, acc)
+    computed, skipped = embed.my_shards(shards, max_shards, progress)
+    return {
+        "out": str(out),
+        "shards": len(shards),
+        "entries": len(view_ids),
+        "views": views,
+        "computed": computed,
+        "skipped": skipped,
+        "complete": _finish_manifest(out, manifest, shards, acc),
+    }
+
+
+def _open_cache_folder(out: Path, manifest: dict, anchor, acc, overwrite: bool) -> None:
+    """Refuse a folder holding another cache (unless ``overwrite``), then (main process) clear
+    the debris of interrupted writes and write the incomplete manifest."""
+    plan, manifest_path = manifest["plan"], out / MANIFEST
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    # Every process reaches the same verdict from the same file, so none waits on a crashed peer.
+    if previous is not None and not overwrite:
+        fp = manifest["anchor_fingerprint"]
+        check_anchor(previous, anchor, f"--out {out}", fp, "use another --out or --overwrite")
+        if previous.get("plan") != plan:
+            raise ConfigError(
+                f"--out {out}: holds a cache of other views ({previous.get('num_entries')} "
+                f"entries, {previous.get('views')} view(s) per image, "
+                f"dataset {previous.get('dataset', {}).get('name')}); use another folder "
+                "or --overwrite"
+            )
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         for leftover in out.glob(".*.tmp-*"):  # debris of an interrupted write
@@ -347,34 +364,61 @@ def write_anchor_cache(
         _atomic_write_json(manifest_path, manifest)
     acc.wait_for_everyone()
 
-    computed, skipped = [], []
-    mine = list(range(acc.process_index, len(shards), acc.num_processes))
-    bar = tqdm(total=len(mine), disable=not progress, desc=f"cache rank {acc.process_index}")
-    for index in mine:
-        path, ids = out / shard_name(index), shards[index]
-        if _shard_digest(path, plan, ids):
-            skipped.append(index)
-        elif max_shards is not None and len(computed) >= max_shards:
-            break
-        else:
-            embeddings, stats = _embed_views(anchor, dataset, ids, batch_size, num_workers, acc)
-            tensors = {
-                "embeddings": embeddings.to(DTYPES[dtype]).contiguous(),
-                "input_stats": stats,
-            }
-            meta = {
-                "format": CACHE_FORMAT,
-                "plan": plan,
-                "shard": str(index),
-                "rank": str(acc.process_index),
-                "ids": json.dumps(ids),
-            }
-            _atomic_write_shard(path, tensors, meta)
-            computed.append(index)
-        bar.update(1)
-    bar.close()
-    acc.wait_for_everyone()
 
+class _ShardWriter:
+    """Computes and writes this process's shards (round-robin over processes)."""
+
+    def __init__(self, anchor, dataset, out, plan, dtype, batch_size, num_workers, acc):
+        self.anchor, self.dataset, self.out, self.plan = anchor, dataset, out, plan
+        self.dtype, self.batch_size, self.num_workers, self.acc = (
+            dtype,
+            batch_size,
+            num_workers,
+            acc,
+        )
+
+    def my_shards(self, shards: list, max_shards: int | None, progress: bool):
+        """(computed, skipped) shard indices; complete valid shards are skipped."""
+
+        acc = self.acc
+        computed, skipped = [], []
+        mine = list(range(acc.process_index, len(shards), acc.num_processes))
+        bar = tqdm(total=len(mine), disable=not progress, desc=f"cache rank {acc.process_index}")
+        for index in mine:
+            if _shard_digest(self.out / shard_name(index), self.plan, shards[index]):
+                skipped.append(index)
+            elif max_shards is not None and len(computed) >= max_shards:
+                break
+            else:
+                self.write(index, shards[index])
+                computed.append(index)
+            bar.update(1)
+        bar.close()
+        acc.wait_for_everyone()
+        return computed, skipped
+
+    def write(self, index: int, ids: list[str]) -> None:
+        acc = self.acc
+        embeddings, stats = _embed_views(
+            self.anchor, self.dataset, ids, self.batch_size, self.num_workers, acc
+        )
+        tensors = {
+            "embeddings": embeddings.to(DTYPES[self.dtype]).contiguous(),
+            "input_stats": stats,
+        }
+        meta = {
+            "format": CACHE_FORMAT,
+            "plan": self.plan,
+            "shard": str(index),
+            "rank": str(acc.process_index),
+            "ids": json.dumps(ids),
+        }
+        _atomic_write_shard(self.out / shard_name(index), tensors, meta)
+
+
+def _finish_manifest(out: Path, manifest: dict, shards: list, acc) -> bool:
+    """When every shard is complete, record their digests and mark the cache complete."""
+    manifest_path, plan = out / MANIFEST, manifest["plan"]
     if acc.is_main_process:
         digests = [_shard_digest(out / shard_name(i), plan, ids) for i, ids in enumerate(shards)]
         if all(digests):
@@ -383,16 +427,7 @@ def write_anchor_cache(
             manifest["complete"] = True
             _atomic_write_json(manifest_path, manifest)
     acc.wait_for_everyone()
-    complete = bool(json.loads(manifest_path.read_text()).get("complete"))
-    return {
-        "out": str(out),
-        "shards": len(shards),
-        "entries": len(view_ids),
-        "views": views,
-        "computed": computed,
-        "skipped": skipped,
-        "complete": complete,
-    }
+    return bool(json.loads(manifest_path.read_text()).get("complete"))
 
 
 @torch.no_grad()

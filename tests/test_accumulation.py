@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from imagebind_lite.loss import info_nce
 from imagebind_lite.modalities import build_encoder
-from imagebind_lite.train import AlignmentModule, train_step
+from imagebind_lite.train import AlignmentModule, AlignmentObjective, StepContext, train_step
 
 MICRO, ACCUM, EMBED, TEMPERATURE = 4, 4, 24, 0.1
 
@@ -52,9 +52,8 @@ def step_gradients(accelerator, batch: dict, accum: int, grad_clip=None):
     recorder = GradRecorder(model.parameters())
     prepared, optimizer = accelerator.prepare(model, recorder)
     # No anchor object: batches carry cached anchor embeddings, as with anchor.cache.
-    loss = train_step(
-        prepared, None, batch, "depth", TEMPERATURE, accum, accelerator, optimizer, grad_clip
-    )
+    objective = AlignmentObjective(None, "depth", TEMPERATURE, accum)
+    loss = train_step(StepContext(accelerator, prepared, optimizer, objective, grad_clip), batch)
     return loss, dict(zip(names, recorder.grads))
 
 

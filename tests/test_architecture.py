@@ -36,9 +36,8 @@ LAYERS = [
     ),
     # Readers and datasets, and the modality files, which build their specs from the readers.
     ("data", ["data.", "modalities.", "builtins"]),
-    # The training loop lives in train.py with the task today; a module split out of it for
-    # evaluation or the cache to use belongs here.
-    ("loop", []),
+    # The one training loop; the tasks on it (train, anchor_finetune) sit above evaluation.
+    ("loop", ["training."]),
     ("evaluation / interop / cache", ["evaluation.", "interop.", "cache", "bound"]),
     ("tasks", ["train", "anchor_finetune"]),
     # The package's namespace (importing it registers the built-ins) and the command line.

@@ -50,6 +50,7 @@ def test_bad_fields_fail_with_one_line(override, message):
         ("data.dataset=nope", "unknown dataset 'nope'"),
         ("data.root=/no/such/folder", "data.root: folder not found"),
         ("modality_file=/no/such/modality.py", "modality file not found"),
+        ("eval.every_epochs=-1", "eval.every_epochs: must be 0"),
     ],
 )
 def test_semantic_errors_before_data(override, message):

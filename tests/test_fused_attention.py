@@ -14,7 +14,7 @@ from torch import nn
 
 from imagebind_lite.modalities import build_encoder
 from imagebind_lite.models.transformer import Attention, Block
-from imagebind_lite.train import AlignmentModule, train_step
+from imagebind_lite.train import AlignmentModule, AlignmentObjective, StepContext, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,9 +163,9 @@ def test_bf16_autocast_through_accelerate_trains(fresh_accelerate_state):
         hook = model.encoder.trunk.blocks[0].mlp.fc1.register_forward_hook(
             lambda _m, _i, out, seen=seen: seen.append(out.dtype)
         )
-        losses[precision] = train_step(
-            model, None, batch, "depth", 0.2, 2, accelerator, optimizer, 1.0
-        )
+        objective = AlignmentObjective(None, "depth", temperature=0.2, accum=2)
+        ctx = StepContext(accelerator, model, optimizer, objective, grad_clip=1.0)
+        losses[precision] = train_step(ctx, batch)
         hook.remove()
         assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights

@@ -1,11 +1,14 @@
-"""End to end: a tiny run, two real ranks through accelerate launch, and kill -9 + --resume."""
+"""End to end: a tiny run, two real ranks through accelerate launch, and kill -9 + --resume
+(the tiny depth run, and the default audio run with its drop path, stopped at a fixed step)."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -16,9 +19,37 @@ from imagebind_lite.anchor import Anchor
 from imagebind_lite.checkpoint import load_run
 from imagebind_lite.config import AnchorConfig, load_config
 from imagebind_lite.modalities import build_encoder
-from imagebind_lite.train import AlignmentModule, latest_checkpoint, param_groups, train, train_step
+from imagebind_lite.train import (
+    AlignmentModule,
+    AlignmentObjective,
+    StepContext,
+    latest_checkpoint,
+    param_groups,
+    train,
+    train_step,
+)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# ``train/align_audio.py`` that kills itself with SIGKILL as soon as the checkpoint of step
+# ``KILL_AT`` is complete: an interruption at a known step, whatever the machine's speed.
+KILLED_AFTER_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import imagebind_lite.training.loop as loop
+    from imagebind_lite.cli import train_main
+
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *rest):
+        save(accelerator, run_dir, step, *rest)
+        if step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    loop.save_checkpoint = save_then_die
+    train_main("audio.yaml", sys.argv[1:])
+    """
+)
 
 
 def depth_overrides(tmp_path, *extra):
@@ -29,6 +60,23 @@ def depth_overrides(tmp_path, *extra):
         "checkpoint_every=2",
         *extra,
     )
+
+
+def test_the_loop_imports_no_evaluation_cache_or_interop():
+    # Layering: core <- data <- training loop <- evaluation / interop / cache <- tasks.
+    import ast
+
+    for path in (REPO / "imagebind_lite" / "training").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # also catches "from .. import cache"
+                names = [f"{node.module or ''}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                assert not {"evaluation", "cache", "interop"} & set(parts), (path, name)
 
 
 def test_tiny_audio_run_writes_the_run_folder(tmp_path):
@@ -52,6 +100,30 @@ def test_tiny_audio_run_writes_the_run_folder(tmp_path):
     assert (tmp_path / "audio-avmnist-1" / "metrics.json").is_file()
 
 
+def test_eval_every_epochs_evaluates_at_those_epochs_without_changing_training(tmp_path, capsys):
+    from imagebind_lite.evaluation.report import read_training_curves
+
+    runs = {}
+    for every in (0, 2):
+        overrides = depth_overrides(
+            tmp_path, "optim.epochs=3", "tracker=tensorboard", f"eval.every_epochs={every}"
+        )
+        cfg = load_config(REPO / "configs/depth.yaml", [*overrides, f"run_name=every{every}"])
+        runs[every] = Path(train(cfg, quiet=True)["run_dir"])
+        printed = [line for line in capsys.readouterr().out.splitlines() if "eval epoch" in line]
+        # 256 scenes / 32 = 8 steps per epoch; the last step is the final evaluation's.
+        logged = read_training_curves(runs[every], ("eval/zero_shot_top1",))
+        if every == 0:
+            assert printed == [] and logged["eval/zero_shot_top1"][0] == [24]
+        else:
+            assert len(printed) == 1 and printed[0].startswith("eval epoch 2 step 16: ")
+            assert "zero_shot_top1=" in printed[0]
+            assert logged["eval/zero_shot_top1"][0] == [16, 24]
+    # Evaluating in between draws nothing from the training's randomness.
+    a, b = (load_file(str(runs[e] / "model/model.safetensors")) for e in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
     accelerator = Accelerator(cpu=True)
     anchor = Anchor(AnchorConfig(pretrained=None))
@@ -64,7 +136,8 @@ def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {"vision": torch.randn(8, 3, 32, 32), "depth": torch.randn(8, 1, 32, 32)}
-    loss = train_step(model, anchor, batch, "depth", 0.2, 1, accelerator, optimizer, 1.0)
+    objective = AlignmentObjective(anchor, "depth", temperature=0.2, accum=1)
+    loss = train_step(StepContext(accelerator, model, optimizer, objective, grad_clip=1.0), batch)
     assert loss > 0
     assert all(torch.equal(anchor_before[k], v) for k, v in anchor.state_dict().items())
     assert all(p.grad is None for p in anchor.parameters())
@@ -107,7 +180,9 @@ def test_two_ranks_train_as_one_global_batch(tmp_path):
 
 def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     common = ["train/align_depth.py"]
-    base = depth_overrides(tmp_path / "a", "optim.epochs=3")
+    # Two blocks with drop path: the second block's masks must be drawn alike after the resume.
+    drop_path = "encoder.overrides={depth: 2, drop_path: 0.2}"
+    base = depth_overrides(tmp_path / "a", "optim.epochs=3", drop_path)
     reference = subprocess.run(
         [sys.executable, *common, *base],
         cwd=REPO,
@@ -118,7 +193,7 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3")
+    interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3", drop_path)
     proc = subprocess.Popen(
         [sys.executable, *common, *interrupted],
         cwd=REPO,
@@ -152,3 +227,49 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_default_audio_run_with_drop_path_resumes_bit_for_bit(tmp_path):
+    # configs/audio.yaml as shipped (augmentation, drop path 0.1, the shipped anchor), made short:
+    # 7 steps per epoch, checkpoints at 3 and 6, killed after 6, resumed across the epoch end.
+    def overrides(out):
+        return [
+            f"output_dir={out}",
+            "tracker=null",
+            "optim.max_steps=8",
+            "checkpoint_every=3",
+            "data.batch_size=256",
+            "encoder.overrides={depth: 2}",  # drop path rises 0 -> 0.1: the second block drops
+        ]
+
+    def run(args, **env):
+        return subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO,
+            env={**ENV, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    reference = run(["train/align_audio.py", *overrides(tmp_path / "a")])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = run(["-c", KILLED_AFTER_CHECKPOINT, *overrides(tmp_path / "b")], KILL_AT="6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "b" / "audio-avmnist"
+    assert latest_checkpoint(run_dir).name == "step_00000006"
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run(["train/align_audio.py", "--resume", *overrides(tmp_path / "b")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from step 6" in resumed.stdout + resumed.stderr
+
+    encoder, _, _ = load_run(run_dir)
+    assert [round(b.drop_path.drop_prob, 6) for b in encoder.trunk.blocks[1:]] == [0.1]
+    a = load_file(str(tmp_path / "a/audio-avmnist/model/model.safetensors"))
+    b = load_file(str(run_dir / "model/model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    first = json.loads((tmp_path / "a/audio-avmnist/metrics.json").read_text())
+    second = json.loads((run_dir / "metrics.json").read_text())
+    assert first["steps"] == second["steps"] == 8
+    assert first["final_loss"] == second["final_loss"]

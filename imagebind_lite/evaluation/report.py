@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -345,6 +346,31 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _Report:
+    """What the sections of a report read (the run's collections) and add to (metrics, plots,
+    markdown lines), in the order they appear."""
+
+    out: Path
+    colls: dict
+    info: dict
+    metrics: dict = field(default_factory=dict)
+    plots: dict = field(default_factory=dict)
+    md: list = field(default_factory=list)
+
+    @property
+    def modality(self) -> str:
+        return self.info["modality"]
+
+    @property
+    def classnames(self):
+        return self.info["classnames"]
+
+    @property
+    def mine(self):
+        return self.colls[self.modality]
+
+
 def build_report(
     space,
     run_dir: str | Path,
@@ -365,52 +391,76 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     built = run_bundle(run_dir, space.anchor)
     colls, info = run_collections(space, run_dir, templates, batch_size, progress, built=built)
-    modality, classnames = info["modality"], info["classnames"]
-    plots, md = {}, [f"# Evaluation report: `{run_dir.name}`", ""]
-    metrics: dict = {
-        "run_dir": str(run_dir),
-        "modality": modality,
-        "dataset": info["dataset"],
-        "num_eval": info["num_eval"],
-    }
-    md += [
-        f"Modality **{modality}**, dataset **{info['dataset']}** (evaluation split, "
+    r = _Report(out, colls, info)
+    _header(r, run_dir)
+    if r.classnames and "text" in colls and r.mine.labels is not None:
+        _zero_shot_section(r, space, run_dir)
+    rows = sample_rows(r.mine.labels, min(sample, len(r.mine.embeddings)))
+    _similarity_section(r, rows)
+    _space_section(r)
+    _retrieval_section(r, rows, k)
+    if probes:
+        _probe_section(r, space, run_dir)
+    if linear and r.mine.labels is not None:
+        train, _ = run_train_collection(space, run_dir, batch_size, progress, built=built)
+        _linear_probe_section(r, train, shots, seeds)
+    _training_section(r, run_dir)
+    r.metrics["plots"] = {k2: p.name for k2, p in r.plots.items()}
+    write_json(out / "metrics.json", r.metrics)
+    (out / "report.md").write_text("\n".join(r.md))
+    return r.metrics
+
+
+def _header(r: _Report, run_dir: Path) -> None:
+    info = r.info
+    r.md += [f"# Evaluation report: `{run_dir.name}`", ""]
+    r.metrics.update(
+        run_dir=str(run_dir),
+        modality=r.modality,
+        dataset=info["dataset"],
+        num_eval=info["num_eval"],
+    )
+    r.md += [
+        f"Modality **{r.modality}**, dataset **{info['dataset']}** (evaluation split, "
         f"{info['num_eval']} items).",
         "",
     ]
 
-    if classnames and "text" in colls and colls[modality].labels is not None:
-        zs = evaluate_run(space, run_dir, collections=(colls, info))
-        m = zs["metrics"]
-        metrics["zero_shot"] = {
-            "top1": m["top1"],
-            "top5": m["top5"],
-            "per_class_accuracy": dict(zip(classnames, m["per_class_accuracy"])),
-            "confusion_matrix": m["confusion_matrix"],
-            "templates": info.get("templates"),
-        }
-        plots["confusion"] = plot_confusion(
-            m["confusion_matrix"], classnames, out / "confusion_matrix.png"
-        )
-        plots["per_class"] = plot_per_class(
-            m["per_class_accuracy"], classnames, out / "per_class_accuracy.png"
-        )
-        md += [
-            "## Zero-shot classification",
-            "",
-            f"Top-1 **{100 * m['top1']:.1f}%**, top-5 **{100 * m['top5']:.1f}%** over "
-            f"{len(classnames)} classes (chance {100 / len(classnames):.1f}%), prompts "
-            f"ensembled over {len(info.get('templates') or [])} templates.",
-            "",
-            "![confusion matrix](confusion_matrix.png)",
-            "",
-            "![per-class accuracy](per_class_accuracy.png)",
-            "",
-        ]
 
-    # A sample batch against the class prompts and against images.
-    mine = colls[modality]
-    rows = sample_rows(mine.labels, min(sample, len(mine.embeddings)))
+def _zero_shot_section(r: _Report, space, run_dir: Path) -> None:
+
+    classnames, info = r.classnames, r.info
+    m = evaluate_run(space, run_dir, collections=(r.colls, info))["metrics"]
+    r.metrics["zero_shot"] = {
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "per_class_accuracy": dict(zip(classnames, m["per_class_accuracy"])),
+        "confusion_matrix": m["confusion_matrix"],
+        "templates": info.get("templates"),
+    }
+    r.plots["confusion"] = plot_confusion(
+        m["confusion_matrix"], classnames, r.out / "confusion_matrix.png"
+    )
+    r.plots["per_class"] = plot_per_class(
+        m["per_class_accuracy"], classnames, r.out / "per_class_accuracy.png"
+    )
+    r.md += [
+        "## Zero-shot classification",
+        "",
+        f"Top-1 **{100 * m['top1']:.1f}%**, top-5 **{100 * m['top5']:.1f}%** over "
+        f"{len(classnames)} classes (chance {100 / len(classnames):.1f}%), prompts "
+        f"ensembled over {len(info.get('templates') or [])} templates.",
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![per-class accuracy](per_class_accuracy.png)",
+        "",
+    ]
+
+
+def _similarity_section(r: _Report, rows: list[int]) -> None:
+    """A sample batch against the class prompts and against images."""
+    mine, classnames, colls, modality = r.mine, r.classnames, r.colls, r.modality
     row_names = [
         f"{mine.names[i]} ({classnames[mine.labels[i]]})"
         if classnames and mine.labels
@@ -420,48 +470,54 @@ def build_report(
     x = F.normalize(mine.embeddings[rows].float(), dim=-1)
     if "text" in colls and colls["text"].ids is None:
         sim = x @ F.normalize(colls["text"].embeddings.float(), dim=-1).T
-        plots["similarity_text"] = plot_similarity(
+        r.plots["similarity_text"] = plot_similarity(
             sim,
             row_names,
             colls["text"].names,
-            out / "similarity_text.png",
+            r.out / "similarity_text.png",
             f"{modality} sample vs class prompts",
         )
-        md += ["## Similarity of a sample batch", "", "![vs prompts](similarity_text.png)", ""]
+        r.md += ["## Similarity of a sample batch", "", "![vs prompts](similarity_text.png)", ""]
     if "vision" in colls:
         vision = colls["vision"]
-        if vision.ids is not None and vision.ids == mine.ids:
-            cols = rows  # the images paired with the sample
-        elif mine.labels and vision.labels:
-            # A different image of the row's class for each row of that class.
-            by_class: dict[int, list[int]] = {}
-            for j, lbl in enumerate(vision.labels):
-                by_class.setdefault(lbl, []).append(j)
-            seen: dict[int, int] = {}
-            cols = []
-            for i in rows:
-                lbl = mine.labels[i]
-                options = by_class.get(lbl) or [0]
-                cols.append(options[seen.get(lbl, 0) % len(options)])
-                seen[lbl] = seen.get(lbl, 0) + 1
-        else:
-            cols = [i % len(vision.embeddings) for i in rows]
+        cols = _image_columns(mine, vision, rows)
         sim = x @ F.normalize(vision.embeddings[cols].float(), dim=-1).T
-        col_names = [vision.names[j] for j in cols]
-        plots["similarity_vision"] = plot_similarity(
+        r.plots["similarity_vision"] = plot_similarity(
             sim,
             row_names,
-            col_names,
-            out / "similarity_vision.png",
+            [vision.names[j] for j in cols],
+            r.out / "similarity_vision.png",
             f"{modality} sample vs images (diagonal: same class/pair)",
         )
-        md += ["![vs images](similarity_vision.png)", ""]
+        r.md += ["![vs images](similarity_vision.png)", ""]
 
-    plots["projection"] = plot_projection(colls, classnames, out / "projection.png")
-    md += ["## The shared space", "", "![PCA projection](projection.png)", ""]
-    geometry = space_geometry(colls, modality)
-    metrics["geometry"] = geometry
-    md += [
+
+def _image_columns(mine, vision, rows: list[int]) -> list[int]:
+    """The image shown against each sample row: its pair, else an image of its class."""
+    if vision.ids is not None and vision.ids == mine.ids:
+        return rows  # the images paired with the sample
+    if not (mine.labels and vision.labels):
+        return [i % len(vision.embeddings) for i in rows]
+    # A different image of the row's class for each row of that class.
+    by_class: dict[int, list[int]] = {}
+    for j, lbl in enumerate(vision.labels):
+        by_class.setdefault(lbl, []).append(j)
+    seen: dict[int, int] = {}
+    cols = []
+    for i in rows:
+        lbl = mine.labels[i]
+        options = by_class.get(lbl) or [0]
+        cols.append(options[seen.get(lbl, 0) % len(options)])
+        seen[lbl] = seen.get(lbl, 0) + 1
+    return cols
+
+
+def _space_section(r: _Report) -> None:
+    r.plots["projection"] = plot_projection(r.colls, r.classnames, r.out / "projection.png")
+    r.md += ["## The shared space", "", "![PCA projection](projection.png)", ""]
+    geometry = space_geometry(r.colls, r.modality)
+    r.metrics["geometry"] = geometry
+    r.md += [
         "Modality gap (distance between centroids of normalised embeddings), alignment "
         "(E||x-y||^2 over positive pairs; 0 best, 4 worst) and uniformity "
         "(log E exp(-2||x-y||^2); lower is more uniform):",
@@ -477,9 +533,12 @@ def build_report(
         "",
     ]
 
-    retrieval = cross_modal_retrieval(colls)
-    metrics["retrieval"] = retrieval
-    md += [
+
+def _retrieval_section(r: _Report, rows: list[int], k: int) -> None:
+
+    retrieval = cross_modal_retrieval(r.colls)
+    r.metrics["retrieval"] = retrieval
+    r.md += [
         "## Cross-modal retrieval",
         "",
         _md_table(
@@ -487,102 +546,106 @@ def build_report(
             [
                 [
                     d,
-                    r["positives"],
-                    r["queries"],
-                    r["gallery"],
-                    *[f"{100 * r[f'R@{j}']:.1f}" for j in (1, 5, 10)],
-                    f"{r['median_rank']:.0f}",
+                    x["positives"],
+                    x["queries"],
+                    x["gallery"],
+                    *[f"{100 * x[f'R@{j}']:.1f}" for j in (1, 5, 10)],
+                    f"{x['median_rank']:.0f}",
                 ]
-                for d, r in retrieval.items()
+                for d, x in retrieval.items()
             ],
         ),
         "",
     ]
     examples = {}
     for target in ("vision", "text"):
-        if target in colls:
-            ex = retrieval_examples(mine, colls[target], k, rows[: min(4, len(rows))], classnames)
-            examples[f"{modality}->{target}"] = ex
-            md += [f"Top-{k} {target} for sample {modality} queries (correct marked ✓):", ""]
-            md += _md_table(
-                ["query", *[f"#{j + 1}" for j in range(k)]],
-                [
-                    [
-                        f"{e['query']} ({e['class']})",
-                        *[
-                            f"{t['item']} {t['score']:.2f}{' ✓' if t['correct'] else ''}"
-                            for t in e["top"]
-                        ],
-                    ]
-                    for e in ex
-                ],
-            ).split("\n") + [""]
-    metrics["retrieval_examples"] = examples
+        if target in r.colls:
+            ex = retrieval_examples(
+                r.mine, r.colls[target], k, rows[: min(4, len(rows))], r.classnames
+            )
+            examples[f"{r.modality}->{target}"] = ex
+            r.md += [f"Top-{k} {target} for sample {r.modality} queries (correct marked ✓):", ""]
+            r.md += _examples_table(ex, k).split("\n") + [""]
+    r.metrics["retrieval_examples"] = examples
 
-    if probes:
-        normalisation = run_normalisation(run_dir, space, modality)
-        results = run_probes(space, colls, info, normalisation)
-        metrics["probes"] = as_dicts(results)
-        md += [
-            "## Limitation probes",
-            "",
-            "Item probes: share of items whose true text beats the false one (chance 50%). "
-            "Text probes: share of pairs whose cosine is below 0.9.",
-            "",
-            format_probe_table(results),
-            "",
-        ]
 
-    if linear and colls[modality].labels is not None:
-        train, _ = run_train_collection(space, run_dir, batch_size, progress, built=built)
-        lp = linear_probe(
-            train.embeddings,
-            train.labels,
-            mine.embeddings,
-            mine.labels,
-            len(classnames),
-            shots=shots,
-            seeds=seeds,
-        )
-        metrics["linear_probe"] = lp
-        md += [
-            "## Few-shot linear probe",
-            "",
-            "Logistic regression on frozen embeddings of the training split; weight decay "
-            "chosen on a held-out part of it.",
-            "",
-            _md_table(
-                ["shots per class", "top-1", "std"],
-                [[s, f"{100 * v['top1']:.1f}", f"{100 * v['std']:.1f}"] for s, v in lp.items()],
-            ),
-            "",
-        ]
+def _examples_table(examples: list[dict], k: int) -> str:
+    return _md_table(
+        ["query", *[f"#{j + 1}" for j in range(k)]],
+        [
+            [
+                f"{e['query']} ({e['class']})",
+                *[f"{t['item']} {t['score']:.2f}{' ✓' if t['correct'] else ''}" for t in e["top"]],
+            ]
+            for e in examples
+        ],
+    )
 
+
+def _probe_section(r: _Report, space, run_dir: Path) -> None:
+
+    normalisation = run_normalisation(run_dir, space, r.modality)
+    results = run_probes(space, r.colls, r.info, normalisation)
+    r.metrics["probes"] = as_dicts(results)
+    r.md += [
+        "## Limitation probes",
+        "",
+        "Item probes: share of items whose true text beats the false one (chance 50%). "
+        "Text probes: share of pairs whose cosine is below 0.9.",
+        "",
+        format_probe_table(results),
+        "",
+    ]
+
+
+def _linear_probe_section(r: _Report, train, shots, seeds: int) -> None:
+
+    mine = r.mine
+    lp = linear_probe(
+        train.embeddings,
+        train.labels,
+        mine.embeddings,
+        mine.labels,
+        len(r.classnames),
+        shots=shots,
+        seeds=seeds,
+    )
+    r.metrics["linear_probe"] = lp
+    r.md += [
+        "## Few-shot linear probe",
+        "",
+        "Logistic regression on frozen embeddings of the training split; weight decay "
+        "chosen on a held-out part of it.",
+        "",
+        _md_table(
+            ["shots per class", "top-1", "std"],
+            [[s, f"{100 * v['top1']:.1f}", f"{100 * v['std']:.1f}"] for s, v in lp.items()],
+        ),
+        "",
+    ]
+
+
+def _training_section(r: _Report, run_dir: Path) -> None:
     curves = read_training_curves(run_dir)
-    if curves:
-        plots["training_curves"] = plot_training_curves(curves, out / "training_curves.png")
-        steps, values = curves["train/loss"]
-        metrics["training"] = {"steps": steps[-1], "first_loss": values[0], "last_loss": values[-1]}
-        md += [
-            "## Training",
-            "",
-            f"Loss {values[0]:.3f} -> {values[-1]:.3f} over {steps[-1]} steps.",
-            "",
-            "![training curves](training_curves.png)",
-            "",
-        ]
-    else:
-        md += [
+    if not curves:
+        r.md += [
             "## Training",
             "",
             "No TensorBoard `train/loss` in the run's logs (trained with tracker=null).",
             "",
         ]
-
-    metrics["plots"] = {k2: p.name for k2, p in plots.items()}
-    write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text("\n".join(md))
-    return metrics
+        return
+    r.plots["training_curves"] = plot_training_curves(curves, r.out / "training_curves.png")
+    steps, values = curves["train/loss"]
+    r.metrics["training"] = {"steps": steps[-1], "first_loss": values[0], "last_loss": values[-1]}
+    r.md += [
+        "## Training",
+        "",
+        f"Loss {values[0]:.3f} -> {values[-1]:.3f} over {steps[-1]} steps.",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+    ]
 
 
 def run_normalisation(run_dir: Path, space, modality: str) -> dict:
