@@ -240,9 +240,6 @@ class AlignmentTask(Task):
 
     def build(self, accelerator: Accelerator) -> TaskParts:
         cfg, spec = self.cfg, self.spec
-        if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         self.anchor = Anchor(cfg.anchor, device=accelerator.device)
         self.bundle: DatasetBundle = get_dataset_builder(cfg.data.dataset)(cfg, self.anchor, spec)
         if cfg.anchor.cache:
@@ -250,6 +247,15 @@ class AlignmentTask(Task):
             self.bundle.train = attach_anchor_cache(
                 self.bundle.train, cfg.anchor.cache, self.anchor, cfg.data.dataset
             )
+        step_batch = cfg.data.batch_size * cfg.optim.grad_accum * accelerator.num_processes
+        if len(self.bundle.train) < step_batch:
+            raise ConfigError(
+                self.batch_too_large(accelerator.num_processes, len(self.bundle.train))
+            )
+        # Only now, with the data open and a step's batch in it, does the run folder appear.
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.temperature = cfg.encoder.temperature or spec.temperature
         encoder = build_encoder(
             cfg.modality,

@@ -41,7 +41,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -355,8 +360,6 @@ def sum_counters(accelerator, counter: Counter) -> Counter:
     """The counters of every process added up (a collective: every process must call it)."""
     if accelerator.num_processes == 1:
         return counter
-    from accelerate.utils import gather_object
-
     total = Counter()
     for part in gather_object([dict(counter)]):
         total.update(part)
