@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .config import ConfigError
+from .data.bad_input import CACHE_PROTOCOL
 from .data.datasets import eval_mode
 from .evaluation.zero_shot import class_text_embeddings
 
@@ -143,11 +144,9 @@ def _diff(a: dict, b: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- dataset protocol
 
-PROTOCOL = ("anchor_view_ids", "anchor_input", "use_anchor_views", "max_anchor_views")
-
 
 def require_cacheable(dataset, where: str = "anchor.cache") -> None:
-    missing = [name for name in PROTOCOL if not hasattr(dataset, name)]
+    missing = [name for name in CACHE_PROTOCOL if not hasattr(dataset, name)]
     if missing:
         raise ConfigError(
             f"{where}: the training set {type(dataset).__name__} does not support anchor "

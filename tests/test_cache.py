@@ -315,3 +315,140 @@ def test_text_cache_reuses_and_keys_by_anchor_and_prompts(tmp_path, anchor_file,
     random_anchor = Anchor(AnchorConfig(pretrained=None))
     cached_class_text_embeddings(random_anchor, classes, templates, tmp_path / "random")
     assert not (tmp_path / "random").exists()
+
+
+def audio_manifest(root, n=32):
+    """FSDD clips paired with real UCI digit images of the same digit, as files + a CSV."""
+    import csv
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from imagebind_lite.data.avmnist import load_digit_images
+
+    images, labels = load_digit_images()
+    (root / "audio").mkdir(parents=True)
+    (root / "frames").mkdir()
+    clips = sorted((REPO / "imagebind_lite/assets/avmnist/audio").glob("*_jackson_*.flac"))
+    rows = []
+    for i, clip in enumerate(clips[:n]):
+        digit = int(clip.name.split("_")[0])
+        pick = int((labels == digit).nonzero()[i % 5])
+        pixels = (images[pick].numpy() * 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((32, 32)).convert("RGB").save(root / f"frames/{i}.png")
+        shutil.copy(clip, root / "audio" / clip.name)
+        rows.append({"id": f"clip{i}", "audio": f"audio/{clip.name}", "vision": f"frames/{i}.png"})
+    with open(root / "pairs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "audio", "vision"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def manifest_overrides(tmp_path, root, anchor_file, *extra):
+    return tiny_overrides(
+        tmp_path,
+        "modality=audio",
+        "data.dataset=manifest",
+        f"data.root={root}",
+        "data.options={manifest: pairs.csv}",
+        "data.preprocess={num_clips: 1, clip_duration: 1.12, num_mel_bins: 64, target_length: 112}",
+        f"anchor.pretrained={anchor_file}",
+        "data.batch_size=8",
+        "optim.epochs=2",
+        *extra,
+    )
+
+
+def test_a_manifest_dataset_caches_and_trains_as_uncached(tmp_path, anchor_file, monkeypatch):
+    root = audio_manifest(tmp_path / "data")
+    common = manifest_overrides(tmp_path, root, anchor_file)
+    out = tmp_path / "cache"
+    report = cache_anchor.main(["--out", str(out), "--shard-size", "16", *common])
+    assert report["complete"] and report["entries"] == 32  # one view per image file
+    plain = train(load_config(None, [*common, "run_name=plain"]), quiet=True)
+
+    def no_anchor_forward(*_):
+        raise AssertionError("the anchor ran on images although a cache was given")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Anchor, "encode_image", no_anchor_forward)
+        cached_cfg = load_config(None, [*common, "run_name=cached", f"anchor.cache={out}"])
+        cached = train(cached_cfg, quiet=True)
+    assert plain["steps"] == cached["steps"] == 8
+    assert abs(plain["final_loss"] - cached["final_loss"]) < 1e-5
+    a = load_file(str(tmp_path / "plain/model/model.safetensors"))
+    b = load_file(str(tmp_path / "cached/model/model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+    # An image edited after caching is a new view: its entry is refused, named by file.
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(root / "frames/3.png")
+    with pytest.raises(StaleCacheError, match=r"lacks 1 of the 32 views .*frames/3\.png@"):
+        train(load_config(None, [*common, "run_name=stale", f"anchor.cache={out}"]), quiet=True)
+
+
+def test_rgb_thermal_manifest_stats_cache_then_cached_training(tmp_path):
+    """Visible/infrared pairs as a manifest (infrared-format 8-bit frames written from the real
+    SUN RGB-D frames' depth at another resolution): compute_stats, cache_anchor with K fixed
+    aligned views, then align_thermal on the cache, as README documents."""
+    import csv
+
+    import numpy as np
+    from conftest import TEST_DATA
+    from PIL import Image
+
+    from imagebind_lite.data import depth
+    from imagebind_lite.data.adapters import read_layout
+
+    root = tmp_path / "pairs"
+    (root / "visible").mkdir(parents=True)
+    (root / "ir").mkdir()
+    rows = []
+    records, _ = read_layout("sunrgbd", TEST_DATA / "sunrgbd_toy")
+    for i in range(12):
+        record = records[i % 2]
+        rgb = Image.open(record.paths["vision"]).convert("RGB")
+        w, h = rgb.size
+        box = (i * 9, i * 5, i * 9 + w // 2, i * 5 + h // 2)  # 12 distinct aligned crops
+        metres = depth.read_depth(record.paths["depth"])[0].numpy()
+        gray = (255 * (metres - metres.min()) / (np.ptp(metres) + 1e-9)).astype(np.uint8)
+        ir = Image.fromarray(gray).resize((w, h)).crop(box).resize((w // 3, h // 3))
+        rgb.crop(box).save(root / f"visible/{i}.jpg")
+        ir.save(root / f"ir/{i}.png")
+        rows.append({"id": f"p{i}", "vision": f"visible/{i}.jpg", "thermal": f"ir/{i}.png"})
+    with open(root / "train.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "vision", "thermal"])
+        writer.writeheader()
+        writer.writerows(rows)
+    data = [
+        "data.dataset=manifest",
+        f"data.root={root}",
+        "data.options={manifest: train.csv, eval_split: null}",
+        "data.preprocess={image_size: 32}",
+    ]
+    commands = [
+        ["train/compute_stats.py", "--modality", "thermal", "--manifest", "train.csv"]
+        + ["--root", str(root)],
+        ["train/cache_anchor.py", "--config", "thermal", "--out", str(tmp_path / "cache")]
+        + ["--views", "2", *data],
+        ["train/align_thermal.py", *data]
+        + [f"anchor.cache={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}", "tracker=null"]
+        + ["optim.max_steps=2", "data.batch_size=4", "encoder.overrides={depth: 1}"],
+    ]
+    for command in commands:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / command[0]), *command[1:]],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (command[0], proc.stderr[-2000:])
+    assert json.loads((root / "stats.json").read_text())["thermal"]["files"] == 12
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # not NaN
+    manifest = json.loads((tmp_path / "cache" / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["views"] == 2

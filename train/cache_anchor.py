@@ -39,7 +39,9 @@ def parse_args(argv=None):
         description="Cache the frozen anchor's image embeddings of a training set.",
         epilog="Any config field can be overridden: section.field=value",
     )
-    parser.add_argument("--config", required=True, help="training YAML config")
+    parser.add_argument(
+        "--config", help="training YAML config or a shipped name (default: config.py defaults)"
+    )
     parser.add_argument("--out", required=True, help="cache folder (then anchor.cache=OUT)")
     parser.add_argument("--views", type=int, default=None, help="views per image (default: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")

@@ -148,6 +148,9 @@ def resolve_inside(root: Path, path: str | Path) -> Path:
     return resolved
 
 
+CACHE_PROTOCOL = ("anchor_view_ids", "anchor_input", "use_anchor_views", "max_anchor_views")
+
+
 class BadInputDataset(EpochRandom, Dataset):
     """Apply the bad-input policy to a map-style dataset whose ``__getitem__`` may raise
     ``BadSample``. ``set_epoch`` is passed on so that the inner augmentation follows the epoch."""
@@ -195,6 +198,14 @@ class BadInputDataset(EpochRandom, Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        # The anchor-cache protocol (imagebind_lite/cache.py) is the wrapped dataset's, when
+        # it has one; anything else missing is missing.
+        inner = self.__dict__.get("dataset")
+        if name in CACHE_PROTOCOL and inner is not None:
+            return getattr(inner, name)
+        raise AttributeError(name)
 
     def _get(self, index: int) -> dict:
         if index in self._known_bad:

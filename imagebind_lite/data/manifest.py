@@ -486,6 +486,11 @@ class RecordDataset(EpochRandom, Dataset):
         self.seed = seed
         # Every sample has the same keys (collate stacks them): with or without vision.
         self.keys = sampler.needs(vision or train)
+        # The anchor-cache protocol (imagebind_lite/cache.py). A plain image transform gives one
+        # anchor input per record; crops aligned with a depth/thermal image come from a
+        # continuum, so a cache holds K seeded views of each.
+        self.max_anchor_views = 1 if sampler.paired is None else None
+        self.anchor_views: int | None = None
 
     def eval_mode(self) -> RecordDataset:
         """The same records read as evaluation reads them: no augmentation, centre crops."""
@@ -496,10 +501,9 @@ class RecordDataset(EpochRandom, Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
+    def _sources(self, record: Record, keys: Sequence[str]) -> dict[str, bi.Source]:
         sources: dict[str, bi.Source] = {}
-        for key in self.keys:
+        for key in keys:
             path = record.paths.get(key)
             if path is None:
                 raise BadSample("missing", f"record {record.id}: no {key} file in the manifest")
@@ -507,8 +511,78 @@ class RecordDataset(EpochRandom, Dataset):
         for key in EXTRA_PATHS:
             if record.paths.get(key) is not None:
                 sources[key] = bi.resolve_inside(self.root, record.paths[key])
+        return sources
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        if self.anchor_views is not None and self.train:
+            return self._cached_view_sample(index, record)
         generator = self.generator(index) if self.train else None
-        sample = self.sampler(sources, record.meta, self.train, generator)
+        sample = self.sampler(self._sources(record, self.keys), record.meta, self.train, generator)
+        sample["label"] = record.label if isinstance(record.label, int) else -1
+        sample["id"] = record.id
+        return sample
+
+    # ---------------------------------------------------------------- the anchor-cache protocol
+
+    def _image_identity(self, record: Record) -> str:
+        """What the anchor's input of a record depends on: its image file by path (relative to
+        the root), size and modification time, so an edited image is a new, uncached view."""
+        path = self._sources(record, ("vision",))["vision"]
+        try:
+            stat = path.stat()
+        except OSError:
+            raise BadSample("missing", f"{path}: file not found") from None
+        return f"{path.relative_to(self.root).as_posix()}@{stat.st_size}:{stat.st_mtime_ns}"
+
+    def _view_generator(self, index: int, view: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 1_009 + view)
+
+    def use_anchor_views(self, views: int | None) -> None:
+        self.anchor_views = views
+
+    def anchor_view_ids(self, views: int = 1) -> list[str]:
+        ids = []
+        for record in self.records:
+            try:
+                identity = self._image_identity(record)
+            except BadSample:
+                continue  # a missing image is bad input at training time, not a view
+            if self.max_anchor_views == 1:
+                ids.append(identity)
+            else:
+                ids.extend(f"{identity}#{k}" for k in range(views))
+        return ids
+
+    def anchor_input(self, view_id: str) -> torch.Tensor:
+        identity, _, view = view_id.partition("#")
+        if not hasattr(self, "_by_identity"):
+            self._by_identity = {self._image_identity(r): i for i, r in enumerate(self.records)}
+        index = self._by_identity.get(identity)
+        if index is None:
+            raise KeyError(f"no record's image is {identity!r} (the file changed or is gone)")
+        record = self.records[index]
+        if self.max_anchor_views == 1:
+            return self.sampler._vision(self._sources(record, ("vision",))["vision"])
+        generator = self._view_generator(index, int(view))
+        sample = self.sampler(self._sources(record, self.keys), record.meta, True, generator)
+        return sample["vision"]
+
+    def _cached_view_sample(self, index: int, record: Record) -> dict:
+        """Cache mode: the modality side as training draws it, and the id of the anchor view
+        it pairs with (one of K seeded views per record for aligned crops)."""
+        identity = self._image_identity(record)
+        sources = self._sources(record, self.keys)
+        if self.max_anchor_views == 1:
+            # The same draws as the uncached read, which takes the modality's first.
+            modality = self.sampler.modality
+            x = self.sampler._modality(sources[modality], True, self.generator(index))
+            sample = {modality: x, "view_id": identity}
+        else:
+            view = int(torch.randint(self.anchor_views, (), generator=self.generator(index)))
+            sample = self.sampler(sources, record.meta, True, self._view_generator(index, view))
+            sample.pop("vision")
+            sample["view_id"] = f"{identity}#{view}"
         sample["label"] = record.label if isinstance(record.label, int) else -1
         sample["id"] = record.id
         return sample
