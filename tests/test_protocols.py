@@ -14,7 +14,8 @@ from PIL import Image
 
 from imagebind_lite.anchor import ASSETS, Anchor
 from imagebind_lite.config import AnchorConfig
-from imagebind_lite.data.adapters import Record
+from imagebind_lite.data.adapters import Record, read_layout
+from imagebind_lite.evaluation.prompts import get_templates
 from imagebind_lite.evaluation.protocols import (
     ESC50_CLASSES,
     NYU_D_CLASSES,
@@ -29,6 +30,7 @@ from imagebind_lite.evaluation.protocols import (
     record_collections,
 )
 from imagebind_lite.evaluation.space import Space
+from imagebind_lite.evaluation.zero_shot import class_text_embeddings
 from imagebind_lite.modalities import build_encoder
 
 AUDIO = sorted((ASSETS / "avmnist" / "audio").glob("*.flac"))
@@ -208,7 +210,16 @@ def test_esc50_reports_every_fold_and_their_mean(space, tmp_path):
     folds = [v["top1"] for v in metrics["per_group"].values()]
     assert all(f in (0.0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0) for f in folds)
     assert metrics["top1"] == pytest.approx(sum(folds) / 5)  # the mean of folds is headline
-    assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    # By hand: every clip against the 50 prompt-ensembled class names (80 templates).
+    records, _ = read_layout("esc50", root)
+    audio, _, _ = space.embed_files([r.paths["audio"] for r in records], "audio")
+    text = class_text_embeddings(space.embed_texts, result["classnames"], get_templates("imagenet"))
+    scores = audio @ text.T
+    labels = torch.tensor([r.label for r in records])
+    hit1 = scores.argmax(1) == labels
+    hit5 = (scores.topk(5, dim=1).indices == labels[:, None]).any(1)
+    assert metrics["top1_pooled"] == pytest.approx(float(hit1.float().mean()))
+    assert metrics["top5_pooled"] == pytest.approx(float(hit5.float().mean()))
     assert len(metrics["confusion_matrix"]) == 50  # scored against all 50 classes
     table = format_table(result)
     assert "66.9" in table and "ViT-Lens-L" in table and "fold 5 top1" in table
@@ -257,8 +268,18 @@ def test_caption_retrieval_every_caption_is_a_query(space, tmp_path, name, make,
     result = evaluate_protocol(name, make(tmp_path / name), space)
     m = result["metrics"]
     assert result["num_evaluated"] == clips and m["num_captions"] == captions
+    # By hand, from the same space: each caption's rank of its clip, each clip's best caption.
+    records, _ = read_layout(name, make(tmp_path / f"{name}-again"))
+    audio, _, _ = space.embed_files([r.paths["audio"] for r in records], "audio")
+    captions = [c for r in records for c in r.captions]
+    owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+    sim = space.embed_texts(captions) @ audio.T  # [captions, clips]
+    own = sim[torch.arange(len(captions)), owner]
+    t2a = (sim > own[:, None]).sum(1) + 1
+    a2t = torch.stack([(sim[:, i] > own[owner == i].max()).sum() + 1 for i in range(len(records))])
+    assert m["t2a_R@1"] == pytest.approx(float((t2a == 1).float().mean()))
+    assert m["a2t_R@1"] == pytest.approx(float((a2t == 1).float().mean()))
     assert m["t2a_R@10"] == 1.0  # a gallery of 2-3 clips: every caption's clip is in the top 10
-    assert 0 <= m["t2a_R@1"] <= 1 and m["a2t_R@1"] >= 0
     assert set(result["headline"]) == {"t2a_R@1", "t2a_R@10"}
     table = format_table(result)
     assert ("6.0" in table) if name == "clotho" else ("42.3" in table)
