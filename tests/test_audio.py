@@ -133,6 +133,22 @@ def test_imagebind_exact_on_short_fsdd_clips(fsdd):
     torch.testing.assert_close(out[0, 0], out[0, 1], atol=1e-4, rtol=0)
 
 
+def test_clips_of_few_frames_exact_when_batched(fsdd, tmp_path):
+    # 25-45 ms files: one to three frames, whose mel product the BLAS sums in another order
+    # than a group's; batched with ordinary files they must still equal the per-clip recipe.
+    data, rate = sf.read(str(fsdd[0]), dtype="float32")
+    short = []
+    for samples in (210, 300, 360):
+        short.append(tmp_path / f"short_{samples}.wav")
+        sf.write(short[-1], data[1000 : 1000 + samples], rate)
+    files = [*fsdd[:4], *short]
+    out = imagebind(files)
+    assert torch.equal(out, torch.stack([imagebind_reference(p) for p in files]))
+    default = audio.load_and_transform_audio(files)
+    one_by_one = torch.stack([audio.load_and_transform_audio([p])[0] for p in files])
+    assert torch.equal(default, one_by_one)
+
+
 def test_imagebind_overlap_quirk_on_long_file(long_file):
     out = imagebind([long_file])
     assert out.shape == (1, 3, 1, 128, 204)

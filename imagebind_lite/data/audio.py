@@ -604,7 +604,7 @@ def _log_mel_views(count: int, sample_rate: int, num_mel_bins: int) -> SimpleNam
     else:  # more mel bins than a frame's spare room (e.g. 256 bins at 8 kHz)
         energies = ws.get("energies", count * num_mel_bins)
     v.plan = plan
-    mel_major = plan is not None and plan[0]
+    mel_major = v.mel_major = plan is not None and plan[0]
     if mel_major:
         v.energies = v.by_mel = energies.view(num_mel_bins, count)
     else:
@@ -651,11 +651,32 @@ def _log_mel(frames: list[torch.Tensor], sample_rate: int, num_mel_bins: int) ->
         torch.mm(v.power, banks_t, out=v.energies)
     else:
         _run_mel(v.mel)
+    if len(frames) > 1:
+        _own_products_for_short_clips(v, frames, banks_t)
     v.energies.clamp_min_(_EPSILON_VALUE).log_()
     return v.by_mel  # ImageBind's layout, transposed from kaldi's; a view where not mel-major
 
 
 _EPSILON_VALUE = float(torch.finfo(torch.float32).eps)
+
+
+def _own_products_for_short_clips(v: SimpleNamespace, frames: list, banks_t) -> None:
+    """Redo the mel product of each clip of fewer than _MEL_MIN_ROWS frames on its own rows.
+
+    kaldi multiplies one clip's frames at a time, and for a few rows the BLAS takes another
+    kernel, which sums in another order than the one it uses for a group's many rows; so such
+    a clip's product is computed in kaldi's shape, into a fresh tensor as kaldi's is.
+    """
+    offset = 0
+    for clip in frames:
+        count = clip.shape[0]
+        if count < _MEL_MIN_ROWS:
+            energies = torch.mm(v.power[offset : offset + count], banks_t)
+            if v.mel_major:
+                v.energies[:, offset : offset + count].copy_(energies.T)
+            else:
+                v.energies[offset : offset + count].copy_(energies)
+        offset += count
 
 
 def _features_into(
