@@ -21,7 +21,7 @@ import torchaudio
 import torchaudio.functional as AF
 from torchaudio.compliance import kaldi
 
-from imagebind_lite.data import audio
+from imagebind_lite.data import audio, audio_reference
 
 FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
 PAD_VALUE = (0 - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD  # 0.467
@@ -147,6 +147,15 @@ def test_clips_of_few_frames_exact_when_batched(fsdd, tmp_path):
     default = audio.load_and_transform_audio(files)
     one_by_one = torch.stack([audio.load_and_transform_audio([p])[0] for p in files])
     assert torch.equal(default, one_by_one)
+
+
+def test_reference_module_is_imagebinds_recipe_and_the_pipelines_output(fsdd, long_file):
+    for path in [*fsdd[:3], long_file]:
+        expected = audio_reference.load_and_transform_audio([path], compat="imagebind")[0]
+        assert torch.equal(expected, imagebind_reference(path))
+        assert torch.equal(expected, imagebind([path])[0])
+        default = audio_reference.load_and_transform_audio([path])[0]
+        assert torch.equal(default, audio.load_and_transform_audio([path])[0])
 
 
 def test_imagebind_overlap_quirk_on_long_file(long_file):
