@@ -1,21 +1,23 @@
 """Audio preprocessing: this checkout's pipeline against an earlier revision's, interleaved.
 
     python bench/audio_compare.py REV DIR [DIR ...] [--limit N] [--rounds R] [--workers W]
+                                  [--compat default|imagebind]
 
-Loads ``imagebind_lite/data/audio.py`` as it was at git revision REV (a commit, tag or branch)
-beside the current one, in the same process, and times ``load_and_transform_audio`` on the
-files of each folder (imagebind mode, one call per folder), alternating the two and swapping
-which runs first every round, since this machine's speed drifts within minutes. Each call's
-output must equal the earlier revision's bit for bit, or the run stops. Reported per folder:
-the median time per file of each, and the median of the per-round speedups (old / new). This
-is how the per-change figures in docs/speed.md were measured. The last line of stdout is a
+Loads the audio modules (``imagebind_lite/data/audio*.py``) as they were at git revision REV
+(a commit, tag or branch) beside the current ones, in the same process, and times
+``load_and_transform_audio`` on the files of each folder (``--compat``, imagebind mode by
+default; one call per folder), alternating the two and swapping which runs first every round,
+since this machine's speed drifts within minutes. Each call's output must equal the earlier
+revision's bit for bit, or the run stops. Reported per folder: the median time per file of
+each, and the median of the per-round speedups (old / new). This is how the per-change
+figures in docs/speed.md were measured. The last line of stdout is a
 JSON object mapping each folder to {new_ms_per_file, old_ms_per_file, speedup, files}.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import statistics
 import subprocess
@@ -37,27 +39,37 @@ from audio_preprocess import find_files  # noqa: E402
 
 
 def load_revision(rev: str):
-    """The audio module as it was at ``rev``, imported under another name."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:imagebind_lite/data/audio.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    if source.returncode != 0:
-        raise SystemExit(f"cannot read imagebind_lite/data/audio.py at {rev}: {source.stderr}")
-    path = Path(tempfile.mkdtemp()) / "audio_at_revision.py"
-    path.write_text(source.stdout)
-    spec = importlib.util.spec_from_file_location("audio_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The audio module as it was at ``rev``, imported as ``audio_at_revision.audio``.
+
+    Every ``imagebind_lite/data/audio*.py`` of that revision is copied into a package of that
+    name, so the module's relative imports of its sibling audio modules find theirs.
+    """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"cannot read the audio modules at {rev}: {done.stderr}")
+        return done.stdout
+
+    names = git("ls-tree", "--name-only", rev, "imagebind_lite/data/").split()
+    sources = [n for n in names if Path(n).name.startswith("audio") and n.endswith(".py")]
+    if "imagebind_lite/data/audio.py" not in sources:
+        raise SystemExit(f"no imagebind_lite/data/audio.py at {rev}")
+    package = Path(tempfile.mkdtemp()) / "audio_at_revision"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in sources:
+        (package / Path(name).name).write_text(git("show", f"{rev}:{name}"))
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module("audio_at_revision.audio")
 
 
-def compare(old, files: list[Path], rounds: int, workers: int | None) -> dict:
+def compare(
+    old, files: list[Path], rounds: int, workers: int | None, compat: str = "imagebind"
+) -> dict:
     def run(module) -> tuple[float, torch.Tensor]:
         start = time.perf_counter()
-        out = module.load_and_transform_audio(files, num_workers=workers, compat="imagebind")
+        out = module.load_and_transform_audio(files, num_workers=workers, compat=compat)
         return time.perf_counter() - start, out
 
     expected = run(old)[1]  # also the warm-up: first-use probes, pools, page cache
@@ -86,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=128, help="first N audio files per folder")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--workers", type=int, default=None, help="threads (one per CPU)")
+    parser.add_argument("--compat", choices=("imagebind", "default"), default="imagebind")
     args = parser.parse_args(argv)
     old = load_revision(args.rev)
     warnings.simplefilter("ignore")  # ImageBind's padding warnings would flood the output
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = find_files(folder, args.limit)
         if not files:
             parser.error(f"no readable audio files under {folder}")
-        r = results[str(folder)] = compare(old, files, args.rounds, args.workers)
+        r = results[str(folder)] = compare(old, files, args.rounds, args.workers, args.compat)
         print(
             f"{folder}: {r['files']} files, {r['new_ms_per_file']:.3f} ms per file now vs "
             f"{r['old_ms_per_file']:.3f} at {args.rev}: {r['speedup']:.3f}x (median of "

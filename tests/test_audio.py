@@ -1,4 +1,10 @@
-"""Audio preprocessing: ImageBind-exact mode, options, bad input, formats, augmentation."""
+"""Audio preprocessing: the engine against the reference recipe, options, bad input, formats.
+
+The reference (``audio_reference``) is ImageBind's recipe written out per file and per clip;
+the public functions run the batched engine and must give the reference's output bit for bit,
+on the FSDD recordings shipped with the package and on files written from them at other rates,
+lengths and channel counts. Only public functions are called.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +27,156 @@ import torchaudio
 import torchaudio.functional as AF
 from torchaudio.compliance import kaldi
 
-from imagebind_lite.data import audio
+from imagebind_lite.data import audio, audio_reference
 
-FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
+REPO = Path(__file__).resolve().parents[1]
+# FSDD's spoken digits (8 kHz mono PCM_16), shipped as FLAC for the AV-MNIST example.
+RECORDINGS = REPO / "imagebind_lite" / "assets" / "avmnist" / "audio"
 PAD_VALUE = (0 - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD  # 0.467
 SILENCE_VALUE = (
     float(np.log(np.finfo(np.float32).eps)) - audio.IMAGEBIND_MEAN
 ) / audio.IMAGEBIND_STD
+
+
+def reference(paths, **options) -> torch.Tensor:
+    """The reference recipe, one file and one clip at a time."""
+    return audio_reference.load_and_transform_audio(paths, **options)
+
+
+def imagebind(paths, **options) -> torch.Tensor:
+    """load_and_transform_audio in imagebind mode unless told otherwise, padding warnings off."""
+    options.setdefault("compat", "imagebind")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", audio.AudioPaddingWarning)
+        return audio.load_and_transform_audio(paths, **options)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded_torch():
+    # The engine computes on single-threaded torch; the reference's clip means over more than
+    # 32768 samples round by thread count, so it runs single-threaded too. (It also keeps
+    # torch's OpenMP threads from spinning against other jobs on a shared machine.)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fsdd() -> list[Path]:
+    files = sorted(RECORDINGS.glob("*.flac"))[:40]
+    if len(files) < 40:
+        pytest.skip(f"too few recordings in {RECORDINGS}")
+    return files
+
+
+def concat_fsdd(files: list[Path], seconds: float) -> tuple[np.ndarray, int]:
+    """Several spoken digits back to back, cut to ``seconds`` (FSDD is 8 kHz mono)."""
+    parts, rate = [], None
+    for path in files:
+        data, rate = sf.read(str(path), dtype="float32")
+        parts.append(data)
+        if sum(len(p) for p in parts) >= seconds * rate:
+            break
+    joined = np.concatenate(parts)
+    assert len(joined) >= seconds * rate, "not enough FSDD audio"
+    return joined[: int(seconds * rate)], rate
+
+
+def write_recording(
+    fsdd, path: Path, rate: int, seconds: float, channels: int = 1, subtype: str = "PCM_16"
+) -> Path:
+    """Real speech at ``rate``: FSDD digits joined, resampled, with distinct extra channels."""
+    data, source_rate = concat_fsdd(fsdd, seconds + 0.01)
+    wave = AF.resample(torch.from_numpy(data), source_rate, rate).numpy()[: int(seconds * rate)]
+    sides = [wave] + [0.5 * np.roll(wave[::-1], 997 * c) + 0.1 * c for c in range(1, channels)]
+    sf.write(path, np.clip(np.stack(sides, axis=1), -1, 1), rate, subtype=subtype)
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_file(fsdd, tmp_path_factory) -> Path:
+    """5.5 s with a DC offset: ImageBind's three 2 s clips overlap (0-2, 1.75-3.75, 3.5-5.5)."""
+    data, rate = concat_fsdd(fsdd, 5.5)
+    path = tmp_path_factory.mktemp("audio") / "long_dc.wav"
+    sf.write(path, data * 0.5 + 0.3, rate, subtype="FLOAT")
+    return path
+
+
+# (rate, seconds, channels, subtype): FSDD's own rate and the usual recording rates; shorter
+# than one 25 ms window, shorter than a clip, overlapping clips (2-6 s), clips apart used as
+# views (up to twice the clips' length) and as copies (beyond), mono to three channels.
+RECORDING_SHAPES = [
+    (8000, 0.02, 1, "PCM_16"),
+    (8000, 3.0, 2, "PCM_16"),
+    (11025, 4.5, 2, "FLOAT"),
+    (16000, 0.9, 1, "PCM_16"),
+    (16000, 10.0, 2, "PCM_16"),
+    (16000, 14.0, 1, "FLOAT"),
+    (22050, 1.7, 3, "PCM_24"),
+    (22050, 7.0, 1, "PCM_16"),
+    (44100, 0.3, 2, "PCM_16"),
+    (44100, 5.0, 1, "PCM_16"),
+    (48000, 2.5, 1, "FLOAT"),
+    (48000, 10.0, 2, "PCM_16"),
+]
+
+
+@pytest.fixture(scope="module")
+def recordings(fsdd, tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("recordings")
+    written = [
+        write_recording(fsdd, folder / f"{rate}_{seconds}s_{channels}ch.wav", *shape)
+        for shape in RECORDING_SHAPES
+        for rate, seconds, channels, _ in [shape]
+    ]
+    return fsdd[:6] + written
+
+
+@pytest.mark.parametrize("compat", ["default", "imagebind"])
+def test_engine_equals_reference_on_recordings(recordings, compat):
+    expected = reference(recordings, compat=compat)
+    assert expected.shape == (len(recordings), 3, 1, 128, 204)
+    # Twice: the second call takes the paths that first use has set up (probed kernels,
+    # grown buffers).
+    for _ in range(2):
+        assert torch.equal(imagebind(recordings, compat=compat), expected)
+    for path, feats in zip(recordings, expected):
+        assert torch.equal(imagebind([path], compat=compat, num_workers=1)[0], feats)
+
+
+@pytest.mark.parametrize("compat", ["default", "imagebind"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_clips": 1},
+        {"num_clips": 5, "clip_duration": 1.0},
+        {"num_mel_bins": 64, "target_length": 112, "utterance_norm": True},
+        {"target_length": 100},
+        {"sample_rate": 22050, "num_mel_bins": 80},
+    ],
+    ids=["one-clip", "five-1s-clips", "64-bins-utterance-norm", "cropped", "22k"],
+)
+def test_engine_equals_reference_with_options(recordings, compat, options):
+    files = [recordings[0], *recordings[-6:]]
+    expected = reference(files, compat=compat, **options)
+    assert torch.equal(imagebind(files, compat=compat, **options), expected)
+
+
+@pytest.mark.parametrize("compat", ["default", "imagebind"])
+def test_waveform_to_clips_equals_reference(recordings, compat):
+    for path in recordings[4:]:
+        wav, sr = audio.read_audio(path)
+        before = wav.clone()
+        expected = audio_reference.waveform_to_clips(wav, sr, {"compat": compat})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", audio.AudioPaddingWarning)
+            got = audio.waveform_to_clips(wav, sr, {"compat": compat})
+            assert torch.equal(got, expected)
+            assert torch.equal(wav, before), "the input must not be shifted in place"
+            if wav.shape[0] == 1:  # 1-D and float64 input give the same features
+                assert torch.equal(audio.waveform_to_clips(wav[0], sr, {"compat": compat}), got)
+            assert torch.equal(audio.waveform_to_clips(wav.double(), sr, {"compat": compat}), got)
 
 
 def _kaldi_fbank(clip: torch.Tensor, rate: int = 16000, mel_bins: int = 128) -> torch.Tensor:
@@ -45,8 +194,8 @@ def _kaldi_fbank(clip: torch.Tensor, rate: int = 16000, mel_bins: int = 128) -> 
     ).T
 
 
-def imagebind_reference(path: Path) -> torch.Tensor:
-    """ImageBind's recipe written out plainly, one file, one clip at a time: [3, 1, 128, 204]."""
+def imagebind_data_py(path: Path) -> torch.Tensor:
+    """ImageBind's ``load_and_transform_audio_data`` for one file, its steps as it writes them."""
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     waveform = torch.from_numpy(data.T.copy())
     if sr != 16000:
@@ -65,64 +214,33 @@ def imagebind_reference(path: Path) -> torch.Tensor:
     return torch.stack(clips)
 
 
-def imagebind(paths, **options) -> torch.Tensor:
-    """load_and_transform_audio in imagebind mode unless told otherwise, padding warnings off."""
-    options.setdefault("compat", "imagebind")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", audio.AudioPaddingWarning)
-        return audio.load_and_transform_audio(paths, **options)
+def test_reference_is_imagebinds_recipe(recordings, long_file):
+    # The reference's imagebind mode is ImageBind's code, bit for bit (files of at least one
+    # 25 ms window: ImageBind's fbank asserts on shorter ones).
+    for path in [long_file, *recordings[1:3], *recordings[7:]]:
+        assert torch.equal(reference([path], compat="imagebind")[0], imagebind_data_py(path))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded_torch():
-    # On a shared 2-core machine, torch's OpenMP threads spinning against other jobs make the
-    # per-clip reference and inline calls 10-50x slower; these tests check values, not speed.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def test_clips_of_few_frames_exact_when_batched(fsdd, tmp_path):
+    # 25-45 ms files: one to three frames, whose mel product the BLAS sums in another order
+    # than a group's; batched with ordinary files they must still equal the per-clip recipe.
+    data, rate = sf.read(str(fsdd[0]), dtype="float32")
+    short = []
+    for samples in (210, 300, 360):
+        short.append(tmp_path / f"short_{samples}.wav")
+        sf.write(short[-1], data[1000 : 1000 + samples], rate)
+    files = [*fsdd[:4], *short]
+    for compat in ("imagebind", "default"):
+        assert torch.equal(imagebind(files, compat=compat), reference(files, compat=compat))
 
 
-@pytest.fixture(scope="module")
-def fsdd() -> list[Path]:
-    if not FSDD.is_dir():
-        pytest.skip(f"{FSDD} not available")
-    files = sorted(FSDD.glob("*.wav"))[:40]
-    if len(files) < 10:
-        pytest.skip(f"too few files in {FSDD}")
-    return files
-
-
-def concat_fsdd(files: list[Path], seconds: float) -> tuple[np.ndarray, int]:
-    """Several spoken digits back to back, cut to ``seconds`` (FSDD is 8 kHz mono)."""
-    parts, rate = [], None
-    for path in files:
-        data, rate = sf.read(str(path), dtype="float32")
-        parts.append(data)
-        if sum(len(p) for p in parts) >= seconds * rate:
-            break
-    joined = np.concatenate(parts)
-    assert len(joined) >= seconds * rate, "not enough FSDD audio"
-    return joined[: int(seconds * rate)], rate
-
-
-@pytest.fixture(scope="module")
-def long_file(fsdd, tmp_path_factory) -> Path:
-    """5.5 s with a DC offset: ImageBind's three 2 s clips overlap (0-2, 1.75-3.75, 3.5-5.5)."""
-    data, rate = concat_fsdd(fsdd, 5.5)
-    path = tmp_path_factory.mktemp("audio") / "long_dc.wav"
-    sf.write(path, data * 0.5 + 0.3, rate, subtype="FLOAT")
-    return path
-
-
-def test_imagebind_exact_on_short_fsdd_clips(fsdd):
+def test_imagebind_short_fsdd_clips(fsdd):
     files = fsdd[:6]
     durations = [sf.info(str(p)).duration for p in files]
     assert min(durations) < 2.0
     out = imagebind(files)
     assert out.shape == (6, 3, 1, 128, 204)
-    expected = torch.stack([imagebind_reference(p) for p in files])
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    assert torch.equal(out, reference(files, compat="imagebind"))
     # A file under 2 s: three clips of the whole file, few frames, padded with 0.467.
     frames = 1 + (int(durations[0] * 16000) - 400) // 160
     assert frames < 204
@@ -136,7 +254,7 @@ def test_imagebind_exact_on_short_fsdd_clips(fsdd):
 def test_imagebind_overlap_quirk_on_long_file(long_file):
     out = imagebind([long_file])
     assert out.shape == (1, 3, 1, 128, 204)
-    torch.testing.assert_close(out[0], imagebind_reference(long_file), atol=1e-4, rtol=0)
+    assert torch.equal(out, reference([long_file], compat="imagebind"))
     # 2 s clips give 198 frames and 6 padding columns of 0.467.
     torch.testing.assert_close(out[..., 198:], torch.full_like(out[..., 198:], PAD_VALUE))
     assert not torch.allclose(out[..., 197], torch.tensor(PAD_VALUE))
@@ -156,7 +274,7 @@ def test_imagebind_stereo(fsdd, tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(path, np.stack([left, 0.3 * right + 0.4], axis=1), rate, subtype="FLOAT")
     out = imagebind([path])
-    torch.testing.assert_close(out[0], imagebind_reference(path), atol=1e-4, rtol=0)
+    assert torch.equal(out, reference([path], compat="imagebind"))
     # Default mode mixes both channels down; ImageBind keeps channel 0.
     assert (audio.load_and_transform_audio([path]) - out).abs().max() > 1e-2
     # ImageBind's fbank sees only channel 0, but its in-place shift is the mean over both
@@ -166,27 +284,6 @@ def test_imagebind_stereo(fsdd, tmp_path):
     diff = (imagebind([left_only]) - out).abs().amax(dim=(0, 2, 3, 4))
     assert diff[0] < 1e-3
     assert diff[1:].max() > 1e-2
-
-
-@pytest.mark.parametrize(
-    ("rate", "seconds", "channels"),
-    [(16000, 10, 2), (16000, 7, 1), (16000, 14, 1), (48000, 10, 1)],
-)
-def test_imagebind_exact_when_clips_do_not_overlap(fsdd, tmp_path, rate, seconds, channels):
-    # From 6 s on, ImageBind's clips are apart and are used as views of the waveform (up to
-    # twice the clips' length; 14 s takes copies); 16 kHz needs no resampling, 48 kHz the
-    # wide resampling kernel.
-    data, source_rate = concat_fsdd(fsdd, seconds)
-    wave = AF.resample(torch.from_numpy(data), source_rate, rate).numpy()
-    if channels == 2:
-        wave = np.stack([wave, 0.5 * wave[::-1] + 0.2], axis=1)
-    path = tmp_path / f"{rate}_{seconds}s.wav"
-    sf.write(path, wave + 0.1, rate, subtype="FLOAT")
-    out = imagebind([path])[0]
-    if channels == 1:
-        assert torch.equal(out, imagebind_reference(path))
-    else:  # a mean over two channels' clip is a threaded sum in ImageBind (module docstring)
-        torch.testing.assert_close(out, imagebind_reference(path), atol=1e-4, rtol=0)
 
 
 def test_imagebind_warns_on_heavy_padding(fsdd):
@@ -200,9 +297,9 @@ def test_imagebind_warns_on_heavy_padding(fsdd):
 def test_workers_and_batching_do_not_change_output(fsdd):
     files = fsdd[:12]
     serial = imagebind(files, num_workers=1)
-    torch.testing.assert_close(imagebind(files, num_workers=3), serial, atol=0, rtol=0)
+    assert torch.equal(imagebind(files, num_workers=3), serial)
     one_by_one = torch.stack([audio.waveform_to_clips(*audio.read_audio(p)) for p in files])
-    torch.testing.assert_close(audio.load_and_transform_audio(files), one_by_one)
+    assert torch.equal(audio.load_and_transform_audio(files), one_by_one)
 
 
 def test_features_do_not_depend_on_torch_threads(tmp_path):
@@ -220,23 +317,7 @@ def test_features_do_not_depend_on_torch_threads(tmp_path):
         torch.set_num_threads(1)
     assert torch.equal(single, double)
     assert torch.equal(batched[0], single) and torch.equal(batched[1], single)
-    torch.testing.assert_close(single, imagebind_reference(path), atol=1e-4, rtol=0)
-
-
-def test_waveform_to_clips_imagebind_does_not_modify_input(long_file):
-    wav, sr = audio.read_audio(long_file)
-    wav = audio.resample(wav, sr, 16000, imagebind=True)
-    before = wav.clone()
-    clips = audio.waveform_to_clips(wav, 16000, {"compat": "imagebind"})
-    assert torch.equal(wav, before)
-    torch.testing.assert_close(clips, imagebind([long_file])[0], atol=1e-4, rtol=0)
-
-
-def test_waveform_to_clips_accepts_1d_and_float64(long_file):
-    wav, sr = audio.read_audio(long_file)
-    expected = audio.waveform_to_clips(wav, sr)
-    torch.testing.assert_close(audio.waveform_to_clips(wav[0], sr), expected, atol=0, rtol=0)
-    torch.testing.assert_close(audio.waveform_to_clips(wav.double(), sr), expected, atol=0, rtol=0)
+    assert torch.equal(single, reference([path], compat="imagebind")[0])
 
 
 def test_clip_bounds():
@@ -252,6 +333,11 @@ def test_clip_bounds():
     ]
     assert audio.imagebind_clip_bounds(16000, 16000, 2, 3) == [(0, 32000)] * 3
     assert audio.clip_starts(10.0, 2.0, 3) == [0.0, 4.0, 8.0]
+    # The bounds are ImageBind's exact-fraction times truncated to samples.
+    for samples, rate in [(88200, 44100), (80001, 16000), (37000, 11025)]:
+        step = Fraction(max(samples / rate - 2.0, 0)) / 2
+        expected = [(int(step * i * rate), int((step * i + 2) * rate)) for i in range(3)]
+        assert audio.imagebind_clip_bounds(samples, rate, 2.0, 3) == expected
 
 
 @pytest.mark.parametrize("compat", ["default", "imagebind"])
@@ -265,22 +351,9 @@ def test_options_change_shape(long_file, compat):
     assert imagebind([long_file], **{**base, "num_mel_bins": 64}).shape == (1, 3, 1, 64, 204)
     cropped = imagebind([long_file], **{**base, "target_length": 100})
     assert cropped.shape == (1, 3, 1, 128, 100)
-    torch.testing.assert_close(cropped, imagebind([long_file], **base)[..., :100])
+    assert torch.equal(cropped, imagebind([long_file], **base)[..., :100])
     with pytest.raises(ValueError, match="compat"):
         audio.load_and_transform_audio([long_file], compat="bogus")
-
-
-def test_fbank_matches_kaldi():
-    torch.manual_seed(0)
-    clip = torch.randn(32000) * 0.1 + 0.05
-    expected = _kaldi_fbank((clip - clip.mean()).unsqueeze(0))
-    out = audio.fbank(clip)
-    assert out.shape == (1, 128, 204)
-    torch.testing.assert_close(
-        out[0, :, :198], (expected - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD, atol=1e-5, rtol=0
-    )
-    # Shorter than one 25 ms window: zero-padded to one frame instead of failing in kaldi.
-    assert torch.isfinite(audio.fbank(torch.randn(100))).all()
 
 
 def test_silent_audio_loads(tmp_path):
@@ -466,7 +539,15 @@ def test_preprocess_bench_reports_identical_output(fsdd):
     # The speed figures come from bench/audio_preprocess.py; here only its output contract and
     # the equality it checks (timings on a shared machine are not asserted).
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "bench/audio_preprocess.py", str(FSDD), "--limit", "12", "--repeat", "1"]
+    cmd = [
+        sys.executable,
+        "bench/audio_preprocess.py",
+        str(RECORDINGS),
+        "--limit",
+        "12",
+        "--repeat",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -481,18 +562,25 @@ def test_compare_bench_checks_output_against_a_revision(fsdd):
     # bench/audio_compare.py times this checkout against a git revision's audio module; here
     # against HEAD, whose output must be identical (timings are not asserted).
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "bench/audio_compare.py", "HEAD", str(FSDD)]
+    cmd = [sys.executable, "bench/audio_compare.py", "HEAD", str(RECORDINGS)]
     cmd += ["--limit", "6", "--rounds", "1"]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])[str(FSDD)]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])[str(RECORDINGS)]
     assert result["files"] == 6 and result["speedup"] > 0
     assert "outputs identical" in proc.stdout
 
 
 def test_make_long_audio_writes_esc50_shaped_files(fsdd, tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "bench/make_long_audio.py", str(FSDD), str(tmp_path), "--count", "2"]
+    cmd = [
+        sys.executable,
+        "bench/make_long_audio.py",
+        str(RECORDINGS),
+        str(tmp_path),
+        "--count",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = sorted(tmp_path.glob("*.wav"))
@@ -505,138 +593,106 @@ def test_make_long_audio_writes_esc50_shaped_files(fsdd, tmp_path):
     assert np.abs(sf.read(str(written[0]))[0]).max() > 0.05
 
 
-@pytest.fixture
-def mel_plan_reprobed():
-    audio._banded_mel_plan.cache_clear()
-    yield
-    audio._banded_mel_plan.cache_clear()
+def speech(rate: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    """Real speech at ``rate``: FSDD digits joined and resampled, with a DC offset."""
+    files = sorted(RECORDINGS.glob("*.flac"))[seed * 40 : (seed + 1) * 40]
+    data, source_rate = concat_fsdd(files, min(seconds, 15.0) + 0.01)
+    wave = AF.resample(torch.from_numpy(data), source_rate, rate)
+    repeats = int(seconds * rate) // wave.numel() + 1  # beyond the 40 files' length: loop them
+    return wave.repeat(repeats)[: int(seconds * rate)] + 0.05
 
 
-def test_banded_mel_product_equals_dense_product_bit_for_bit(fsdd, mel_plan_reprobed):
-    plan = audio._banded_mel_plan(16000, 128)
-    if plan is None:
-        pytest.skip("this BLAS sums the banded product differently: the dense product is used")
-    mel_major, steps = plan
-    # Real power spectra: frames of spoken digits as kaldi windows them.
-    size, shift, padded, window, banks_t = audio._fbank_constants(16000, 128)
-    wav, rate = audio.read_audio(fsdd[0])
-    signal = audio.resample(wav, rate, 16000, imagebind=True)[0]
-    frames = audio._frames(signal - signal.mean(), size, shift)
-    frames = (frames - frames.mean(dim=1, keepdim=True)) * window
-    power = torch.fft.rfft(frames, n=padded).abs().pow(2)
-    assert power.shape[0] >= audio._MEL_MIN_ROWS
-    for layout in {mel_major, False}:  # the chosen layout, and frame-major (kaldi's)
-        assert audio._banded_equals_dense(power, banks_t, steps, layout)
-    covered = sum(bins * filters for _, filters, spans in steps for _, bins, _ in spans)
-    assert covered < banks_t.numel() / 3  # the point of it: a fraction of the dense work
+# (rate, mel bins): ImageBind's; the FFT buffer laid out with the energies beside the power
+# spectrum or, when they do not fit (8 kHz, 256 bins), in a buffer of their own; other FFT
+# sizes (22.05, 32 and 44.1 kHz), where the mel product may be dense.
+FBANK_SHAPES = [(16000, 128), (8000, 128), (8000, 256), (22050, 64), (32000, 128), (44100, 128)]
 
 
-def test_features_identical_with_and_without_banded_mel(
-    fsdd, tmp_path, monkeypatch, mel_plan_reprobed
-):
-    data, rate = concat_fsdd(fsdd, 5.0)
-    path = tmp_path / "esc50_like.wav"
-    sf.write(
-        path, AF.resample(torch.from_numpy(data), rate, 44100).numpy(), 44100, subtype="PCM_16"
-    )
-    files = [path, *fsdd[:3]]
-    fast = imagebind(files)
-    monkeypatch.setattr(audio, "_MEL_MAJOR_CANDIDATES", (False,))  # frame-major products
-    audio._banded_mel_plan.cache_clear()
-    if audio._banded_mel_plan(16000, 128) is not None:
-        assert torch.equal(imagebind(files), fast)
-    monkeypatch.setattr(audio, "_MEL_SPLIT_CANDIDATES", ())  # no candidate passes: dense
-    audio._banded_mel_plan.cache_clear()
-    assert audio._banded_mel_plan(16000, 128) is None
-    dense = imagebind(files)
-    assert torch.equal(fast, dense)
-    assert torch.equal(dense[0], imagebind_reference(path))
+@pytest.mark.parametrize(("rate", "mel_bins"), FBANK_SHAPES)
+def test_fbank_equals_reference(rate, mel_bins):
+    # Shorter than one window (padded to one frame), fewer frames than the banded product
+    # takes, one clip, and a clip whose frames fill several fbank groups.
+    for seconds in (0.01, 0.1, 2.0, 12.5):
+        clip = speech(rate, seconds)
+        for target in (204, 1300):
+            expected = audio_reference.fbank(clip, rate, mel_bins, target)
+            got = audio.fbank(clip, rate, mel_bins, target)
+            assert got.shape == (1, mel_bins, target)
+            assert torch.equal(got, expected), (rate, mel_bins, seconds, target)
 
 
-def test_log_mel_workspace_survives_growing_and_shrinking_groups(fsdd):
-    # The fbank keeps per-thread buffers and slices of them per group size; a bigger group
-    # replaces the buffers, and slices made for the old ones must not be reused.
-    signals = []
-    for path in fsdd[:3]:
-        wav, rate = audio.read_audio(path)
-        signal = audio.resample(wav, rate, 16000, imagebind=True)[0]
-        signals.append(signal - signal.mean())
-    size, shift, *_ = audio._fbank_constants(16000, 128)
-    small = [audio._frames(signals[0], size, shift)]
-    big = [audio._frames(s, size, shift) for s in signals] * 40  # > any earlier buffer
-    expected_small = _kaldi_fbank(signals[0].unsqueeze(0))
-    first = audio._log_mel(small, 16000, 128).clone()
-    grown = audio._log_mel(big, 16000, 128).clone()
-    again = audio._log_mel(small, 16000, 128).clone()
-    assert torch.equal(first, expected_small) and torch.equal(again, expected_small)
-    expected_big = torch.cat([_kaldi_fbank(s.unsqueeze(0)) for s in signals] * 40, dim=1)
-    assert torch.equal(grown, expected_big)
+def test_fbank_matches_kaldi():
+    clip = speech(16000, 2.0)
+    expected = _kaldi_fbank((clip - clip.mean()).unsqueeze(0))
+    out = audio.fbank(clip)
+    assert out.shape == (1, 128, 204)
+    normalised = (expected - audio.IMAGEBIND_MEAN) / audio.IMAGEBIND_STD
+    assert torch.equal(out[0, :, :198], normalised)
+    torch.testing.assert_close(out[0, :, 198:], torch.full((128, 6), PAD_VALUE))
+    # Shorter than one 25 ms window: zero-padded to one frame instead of failing in kaldi.
+    assert torch.isfinite(audio.fbank(torch.randn(100))).all()
 
 
-def test_log_mel_exact_after_another_sample_rate_in_the_same_thread():
-    # Each frame length lays the shared FFT buffer out differently; the zero padding of one
-    # must not be left holding samples written for another.
-    generator = torch.Generator().manual_seed(0)
-    clip_16k = torch.randn(32000, generator=generator) * 0.1
-    clip_32k = torch.randn(8000, generator=generator) * 0.1
+def test_fbank_exact_as_buffers_grow_shrink_and_change_rate():
+    # The fbank keeps per-thread buffers, laid out per frame length, and slices of them per
+    # group size; a bigger group replaces the buffers, another rate lays them out anew, and
+    # nothing left over from one call may leak into the next.
+    short, long_clip = speech(16000, 0.6), speech(16000, 40.0, seed=1)
+    other_rate = speech(32000, 3.0, seed=2)
+    calls = [
+        (short, 16000, 204),
+        (long_clip, 16000, 4000),
+        (short, 16000, 204),
+        (other_rate, 32000, 300),
+        (short, 16000, 204),
+        (speech(8000, 1.0), 8000, 204),
+        (long_clip, 16000, 4000),
+    ]
+    for clip, rate, target in calls:
+        expected = audio_reference.fbank(clip, rate, 128, target)
+        assert torch.equal(audio.fbank(clip, rate, 128, target), expected), (rate, target)
 
-    def log_mel(clip, rate):
-        size, shift, *_ = audio._fbank_constants(rate, 128)
-        return audio._log_mel([audio._frames(clip - clip.mean(), size, shift)], rate, 128).clone()
 
-    expected = _kaldi_fbank((clip_16k - clip_16k.mean()).unsqueeze(0))
-    assert torch.equal(log_mel(clip_16k, 16000), expected)
-    log_mel(clip_32k, 32000)
-    assert torch.equal(log_mel(clip_16k, 16000), expected)
-
-
-@pytest.mark.parametrize(
-    ("rate", "mel_bins"), [(8000, 128), (8000, 256), (22050, 64), (44100, 128)]
-)
-def test_log_mel_exact_at_other_rates_and_mel_bins(rate, mel_bins):
-    # The fbank stores the power spectrum and energies in the FFT input buffer when they fit
-    # beside each other (16 kHz, 128 bins) and in a buffer of their own when they do not
-    # (8 kHz: 129 + 128 > 256); both layouts must equal kaldi bit for bit.
-    clip = torch.randn(rate * 2, generator=torch.Generator().manual_seed(rate)) * 0.1
-    clip -= clip.mean()
-    size, shift, *_ = audio._fbank_constants(rate, mel_bins)
-    got = audio._log_mel([audio._frames(clip, size, shift)] * 2, rate, mel_bins)
-    expected = _kaldi_fbank(clip.unsqueeze(0), rate, mel_bins)
-    assert torch.equal(got, torch.cat([expected, expected], dim=1))
+def test_load_and_transform_exact_as_chunks_grow_and_shrink(fsdd, recordings):
+    # One worker: every call reuses that thread's buffers, which grow for the many-file call.
+    calls = [fsdd[:1], fsdd[:40] + recordings[-4:], fsdd[:1], recordings[-3:], fsdd[:2]]
+    for files in calls:
+        assert torch.equal(imagebind(files, num_workers=1), reference(files, compat="imagebind"))
 
 
 # Short, odd and 10 s lengths, and (below) the two sides of torch's switch from its own GEMM
 # convolution to oneDNN for one signal, at 20480 padded samples in torch 2.14.
-RESAMPLE_LENGTHS = (1, 40, 401, 4807, 48001, 160003)
+RESAMPLE_LENGTHS = (1, 40, 401, 4807, 16385, 48001, 160003)
 
 
-def _resample_lengths(module) -> list[int]:
+def _resample_lengths(orig: int) -> list[int]:
+    module = torchaudio.transforms.Resample(orig, 16000)
     padding = 2 * module.width + module.orig_freq // module.gcd
     return [*RESAMPLE_LENGTHS, 20480 - padding, 20481 - padding]
 
 
-@pytest.mark.parametrize("orig", [48000, 32000, 8000, 24000, 44100])
+@pytest.mark.parametrize("orig", [48000, 32000, 8000, 24000, 44100, 22050])
 def test_resample_equals_torchaudio_bit_for_bit(orig):
-    # Where the wide (several conv steps at once) kernel is used, it must not move a bit.
+    # Three calls per shape: the engine may switch kernels once it has seen a shape before.
     generator = torch.Generator().manual_seed(orig)
     default_mode = torchaudio.transforms.Resample(orig, 16000)
-    for length in _resample_lengths(audio._resampler(orig, 16000, True)):
+    for length in _resample_lengths(orig):
         for channels in (1, 2):
-            x = torch.randn(channels, length, generator=generator)
-            got = audio.resample(x, orig, 16000, imagebind=True)
-            assert torch.equal(got, AF.resample(x, orig, 16000)), (orig, length, channels)
-            assert torch.equal(audio.resample(x, orig, 16000), default_mode(x))
+            for _ in range(3):
+                x = torch.randn(channels, length, generator=generator)
+                got = audio.resample(x, orig, 16000, imagebind=True)
+                assert torch.equal(got, AF.resample(x, orig, 16000)), (orig, length, channels)
+                assert torch.equal(audio.resample(x, orig, 16000), default_mode(x))
 
 
-@pytest.mark.parametrize("orig", [48000, 8000])
-def test_wide_resampling_kernel_equals_torchaudios(orig):
-    module = audio._resampler(orig, 16000, True)
-    wide = audio._polyphase_kernel(orig, 16000, True)
-    if wide is None:
-        pytest.skip("oneDNN on this CPU sums the wide kernel in another order; it is not used")
-    assert wide[0].shape[0] == 16  # one full block of output channels
-    generator = torch.Generator().manual_seed(1)
-    for length in _resample_lengths(module):
-        x = torch.randn(2, length, generator=generator)  # two signals: oneDNN at any length
-        direct = audio._convolve(x, module)
-        assert torch.equal(audio._convolve(x, module, wide)[:, : direct.shape[1]], direct)
+@pytest.mark.parametrize("orig", [48000, 8000, 44100])
+def test_resample_real_audio_equals_reference(orig):
+    # Real recordings, 1-D and [channels, samples], repeated so that a second sight of each
+    # shape is covered, at ImageBind's float32 kernel and the transform's float64 one.
+    wave = speech(orig, 10.0)
+    for x in (wave, torch.stack([wave, wave.flip(0)]), wave[: orig // 3]):
+        for imagebind_kernel in (True, False):
+            expected = audio_reference.resample(x, orig, 16000, imagebind_kernel)
+            for _ in range(3):
+                assert torch.equal(audio.resample(x, orig, 16000, imagebind_kernel), expected)
+    assert audio.resample(wave, orig, orig) is wave
