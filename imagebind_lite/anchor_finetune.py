@@ -66,7 +66,9 @@ from .data import avmnist, scenes
 from .data import bad_input as bi
 from .data.manifest import image_to_tensor, read_manifest, split_records
 from .evaluation.zero_shot import class_text_embeddings, retrieval_metrics, topk_accuracy
+from .files import atomic_write
 from .lora import DEFAULT_TARGETS, apply_lora, merge_lora
+from .registry import DEFAULT_TEMPLATES
 from .training.loop import LoopSettings, Objective, Run, StepContext, Task, TaskParts, fit
 
 BUILTIN_DOMAINS = ("digits", "scenes")
@@ -85,7 +87,6 @@ MANIFEST_KEYS = (
     "augment",
 )
 IMAGE_COLUMNS = ("image", "vision")
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
 @dataclass
@@ -635,11 +636,8 @@ class FinetuneTask(Task):
             for k, v in model.state_dict().items()
         }
         out = Path(cfg.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         metadata = {"model": self.model_name, "finetune": json.dumps(result)}
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(out)
+        atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
         result["output"] = str(out)
         result["sha256"] = file_sha256(out, 16)  # what Anchor.identity() will report
         result["use_as_anchor"] = (

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .anchor import Anchor
-from .checkpoint import atomic_dir, load_model, save_model
+from .checkpoint import load_model, save_model
 from .config import AnchorConfig, config_to_dict
 from .evaluation.space import Space, SpaceError
+from .files import atomic_dir
 from .interop.imagebind import load_imagebind_encoders
 from .registry import (
     IMAGE_TOWER,

@@ -66,6 +66,7 @@ from .config import ConfigError
 from .data.bad_input import CACHE_PROTOCOL
 from .data.datasets import eval_mode
 from .evaluation.zero_shot import class_text_embeddings
+from .files import atomic_write, atomic_write_json
 
 CACHE_FORMAT = "imagebind_lite.anchor_cache/1"
 TEXT_CACHE_FORMAT = "imagebind_lite.text_cache/1"
@@ -224,23 +225,7 @@ def _shard_digest(path: Path, plan: str, ids: list[str]) -> str | None:
 
 
 def _atomic_write_shard(path: Path, tensors: dict, metadata: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    # safetensors creates files owner-only; a cache folder is often shared, so follow the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 class _ViewInputs(Dataset):
@@ -360,7 +345,7 @@ def _open_cache_folder(out: Path, manifest: dict, anchor, acc, overwrite: bool) 
         if previous is not None and overwrite and previous.get("plan") != plan:
             for old in out.glob("shard-*.safetensors"):
                 old.unlink()
-        _atomic_write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest)
     acc.wait_for_everyone()
 
 
@@ -424,7 +409,7 @@ def _finish_manifest(out: Path, manifest: dict, shards: list, acc) -> bool:
             for entry, digest in zip(manifest["shards"], digests):
                 entry["sha256"] = digest
             manifest["complete"] = True
-            _atomic_write_json(manifest_path, manifest)
+            atomic_write_json(manifest_path, manifest)
     acc.wait_for_everyone()
     return bool(json.loads(manifest_path.read_text()).get("complete"))
 

@@ -4,17 +4,15 @@ A trained model is one folder: ``config.json`` (modality, size, preprocessing, t
 the anchor reference) and ``model.safetensors``; ``load_model`` rebuilds it with no pickle and
 runs no code from the folder unless the caller passes ``trust_code=True`` (a model of a user's
 own modality carries its ``modality.py``).
-Every write goes to a temporary sibling first and is renamed into place, so a crash mid-write
-never leaves a corrupt folder under the final name.
+Every write goes to a temporary sibling first and is renamed into place
+(``imagebind_lite.files.atomic_dir``), so a crash mid-write never leaves a corrupt folder under the
+final name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,34 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from .anchor import Anchor
 from .config import AnchorConfig
+from .files import atomic_dir
 from .models.build import build_encoder
 from .registry import import_modality_file, list_modalities
 
 MODEL_FORMAT = "imagebind_lite.encoder/1"
-
-
-@contextmanager
-def atomic_dir(final: str | Path):
-    """Yield a temporary folder next to ``final``; on success it replaces ``final`` atomically."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(encoder: torch.nn.Module, model_config: dict, folder: str | Path) -> Path:

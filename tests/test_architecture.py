@@ -25,6 +25,7 @@ LAYERS = [
         "core",
         [
             "registry",
+            "files",
             "_version",
             "config",
             "loss",
@@ -43,7 +44,7 @@ LAYERS = [
     # The package's namespace (importing it registers the built-ins) and the command line.
     ("scripts", ["cli", ""]),
 ]
-LEAVES = ["registry", "data.registry"]  # import nothing of the package
+LEAVES = ["registry", "data.registry", "files"]  # import nothing of the package
 
 
 def _module_name(path: Path) -> str:

@@ -21,8 +21,9 @@ import json
 from pathlib import Path
 
 from imagebind_lite.cli import run_script
-from imagebind_lite.data.manifest import compute_sensor_stats, load_records, parse_key_values
+from imagebind_lite.data.manifest import compute_sensor_stats, load_records
 from imagebind_lite.data.transforms import STATS_FILE, write_stats
+from imagebind_lite.files import parse_key_values
 from imagebind_lite.registry import get_modality, list_modalities
 
 

@@ -24,8 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from imagebind_lite.cli import run_script
-
-VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv")
+from imagebind_lite.files import VIDEO_EXTS
 
 
 def _av():

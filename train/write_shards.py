@@ -14,8 +14,9 @@ import argparse
 import json
 
 from imagebind_lite.cli import run_script
-from imagebind_lite.data.manifest import load_records, parse_key_values
+from imagebind_lite.data.manifest import load_records
 from imagebind_lite.data.shards import write_shards
+from imagebind_lite.files import parse_key_values
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -85,11 +85,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import AUDIO_EXTS, IMAGE_EXTS
 from .depth import NYU_FX, SENSOR_BASELINES, resolve_baseline, sensor_of
 
-AUDIO_EXTS = (".flac", ".wav", ".ogg", ".mp3")
-FRAME_EXTS = (".jpg", ".jpeg", ".png")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 # SUN RGB-D's depth folders of a frame: hole-filled maps, raw maps.
 SUNRGBD_DEPTH_FOLDERS = ("depth_bfx", "depth")
 
@@ -255,7 +253,7 @@ def _audioset_classes(root: Path) -> tuple[list[str], dict[str, int]]:
 def _av_items(root: Path, ytid: str, starts: list[str], folders):
     audio, frames = folders
     stems = [f"{ytid}_{s}" for s in starts]
-    found = {"audio": audio.find(stems, AUDIO_EXTS), "vision": frames.find(stems, FRAME_EXTS)}
+    found = {"audio": audio.find(stems, AUDIO_EXTS), "vision": frames.find(stems, IMAGE_EXTS)}
     expected = {
         "audio": root / "audio" / f"{stems[0]}.flac",
         "vision": root / "frames" / f"{stems[0]}.jpg",

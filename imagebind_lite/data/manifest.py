@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
-import yaml
 from torch.utils.data import Dataset
 
+from ..files import parse_key_values  # noqa: F401 - the scripts' KEY=VALUE options
 from ..registry import get_modality, list_modalities
 from . import audio as audio_data
 from . import bad_input as bi
@@ -778,14 +778,3 @@ def load_records(
     if split is not None and any(r.split is not None for r in records):
         records = [r for r in records if r.split == split]
     return records, classnames, f"--manifest {manifest}"
-
-
-def parse_key_values(items: Sequence[str]) -> dict:
-    """``["a=1", "b=[x, y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write_json
+
 Box = tuple[float, float, float, float]  # top, left, height, width; relative to the image
 FULL_BOX: Box = (0.0, 0.0, 1.0, 1.0)
 
@@ -309,11 +311,7 @@ def write_stats(path, modality: str, entry: dict) -> Path:
         **entry,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, data, sort_keys=True)
 
 
 def read_stats(path, modality: str, expected: dict | None = None, command: str = "") -> dict:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..checkpoint import ensure_modality
 from ..config import load_config
@@ -36,6 +35,7 @@ from ..data.avmnist import DEFAULT_ROOT, digits_to_pixels, image_split, load_dig
 from ..data.bad_input import resolve_inside
 from ..data.datasets import BadSample, eval_mode, get_dataset_builder
 from ..data.manifest import PairSampler
+from ..files import parse_key_values
 from ..registry import get_modality
 from .metrics import (
     chunked_retrieval_metrics,
@@ -1020,13 +1020,7 @@ def run_train_collection(
 
 def parse_options(pairs: Sequence[str]) -> dict:
     """``KEY=VALUE`` strings (values parsed as YAML) -> dict, for layout options."""
-    out = {}
-    for text in pairs:
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise ValueError(f"option {text!r} is not KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value) if value else None
-    return out
+    return parse_key_values(pairs)
 
 
 def layout_for(name: str) -> tuple[str, dict]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write_json
 from ..registry import IMAGE_TOWER, TEXT_TOWER, anchor_tower_of, get_modality
 from .linear_probe import linear_probe
 from .metrics import alignment, modality_gap, uniformity
@@ -49,12 +49,7 @@ def _plain(value):
 
 def write_json(path: str | Path, data) -> Path:
     """Write through a temporary file and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_plain(data), indent=2))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, _plain(data))
 
 
 # ------------------------------------------------------------------------- training curves

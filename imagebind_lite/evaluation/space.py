@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..anchor import Anchor
 from ..checkpoint import load_run
 from ..config import AnchorConfig
+from ..files import atomic_write, atomic_write_text
 from ..registry import (
     IMAGE_TOWER,
     TEXT_TOWER,
@@ -201,17 +202,12 @@ def save_embeddings(path: str | Path, embeddings: torch.Tensor, items: Sequence,
     path = Path(path)
     if len(items) != len(embeddings):
         raise ValueError(f"{len(items)} items for {len(embeddings)} embeddings")
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {"format": EMBEDDINGS_FORMAT, **meta, "count": len(items), "items": list(items)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {"embeddings": embeddings.float().contiguous()},
-        str(tmp),
-        metadata={"format": EMBEDDINGS_FORMAT, "fingerprint": str(meta.get("fingerprint"))},
-    )
-    sidecar(path).write_text(json.dumps(info, indent=1))
-    tmp.replace(path)  # the tensor file last: a complete pair or an absent tensor file
-    return path
+    tensors = {"embeddings": embeddings.float().contiguous()}
+    metadata = {"format": EMBEDDINGS_FORMAT, "fingerprint": str(meta.get("fingerprint"))}
+    atomic_write_text(sidecar(path), json.dumps(info, indent=1))
+    # The tensor file last: a complete pair, or no tensor file.
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list, dict]:

@@ -1,5 +1,6 @@
 """The anchor's own modalities: their towers come from the frozen CLIP (``anchor.py``)."""
 
+from ..files import IMAGE_EXTS
 from ..registry import IMAGE_TOWER, TEXT_TOWER, ModalitySpec, register_modality
 
 register_modality(
@@ -11,7 +12,7 @@ register_modality(
         anchor_tower=IMAGE_TOWER,
         description="RGB images: frozen CLIP tower",
         aliases=("image", "rgb"),
-        extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"),
+        extensions=IMAGE_EXTS,
         # The rendered scenes' RGB in [0, 1]; the probes normalise it as the anchor does.
         scene_input=lambda scenes: scenes["rgb"],
     )

@@ -4,6 +4,7 @@ from ..data import audio as audio_data
 from ..data import bad_input as bi
 from ..data.datasets import BadSample
 from ..data.manifest import read_waveform
+from ..files import AUDIO_EXTS
 from ..models.encoder import ConvStem, PatchStem, patch_tokens
 from ..registry import ImageBindBranch, ImageBindCheckpointError, ModalitySpec, register_modality
 
@@ -113,7 +114,7 @@ register_modality(
         load=load,
         augment=augment,
         description="kaldi log-mel fbank clips, ImageBind recipe",
-        extensions=(".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"),
+        extensions=AUDIO_EXTS,
         load_source=load_source,
         imagebind=ImageBindBranch(
             stem="rgbt_stem",

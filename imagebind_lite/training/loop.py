@@ -50,8 +50,8 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_dir
 from ..config import ConfigError
+from ..files import atomic_dir
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
