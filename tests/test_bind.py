@@ -199,7 +199,10 @@ def test_retrieval_script_scores_the_pair_of_a_bound_model(bind_run, tmp_path):
 
 
 def test_two_processes_give_the_losses_of_one_at_twice_the_batch(tmp_path):
+    # The patch-stem audio encoder: the conv stem's BatchNorm normalises over each process's
+    # own rows (DDP without SyncBatchNorm, which has no CPU kernel), so it is not comparable.
     args = ["train/bind.py", "anchor.pretrained=null", "checkpoint_every=0"]
+    args.append("modalities.audio.encoder.size=tiny")
     one = launch(*args, *tiny(tmp_path / "one", steps=4, batch=32))
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch(*args, *tiny(tmp_path / "two", steps=4, batch=16), processes=2)
@@ -275,7 +278,8 @@ def test_combining_runs_with_different_anchors_is_refused(tmp_path):
     out = tmp_path / "bound"
     proc = run(["train/bind.py", "--from", *runs, "--out", str(out)])
     assert proc.returncode != 0 and not out.exists()
-    lines = proc.stderr.strip().splitlines()
+    # The one line, after open_clip's warning that the random anchor has no weights.
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("WARNING")]
     assert len(lines) == 1 and "trained against another anchor" in lines[0], proc.stderr
     # Runs that share the anchor combine into one bound folder.
     audio = load_config(REPO / "configs/audio.yaml", [*common, small, "data.batch_size=32"])
