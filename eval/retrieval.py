@@ -4,16 +4,23 @@ python eval/retrieval.py --checkpoint runs/audio-avmnist                # the ru
 python eval/retrieval.py --checkpoint RUN --dataset clotho --root CLOTHO  # text<->audio
 python eval/retrieval.py --checkpoint DEPTH_RUN --checkpoint THERMAL_RUN  # emergent depth<->thermal
 python eval/retrieval.py --checkpoint AUDIO_RUN --checkpoint DEPTH_RUN --manifest pairs.csv
+python eval/retrieval.py --bound runs/bind-audio-pen/model --pair audio pen  # emergent, by class
 
 Rows pair by id (paired data; several captions per clip count as one item's positives) or,
 where the two sides share no ids, by class. With several runs, their data join on sample ids:
 two runs' encoders on paired data give the emergent pairs (audio<->depth, depth<->thermal) that
 no encoder was trained on. Directions default to every pair the data allow.
+
+``--bound DIR --pair A B``: two modalities of a bound model (``train/bind.py``), each on its own
+held-out set (rebuilt from the data its config records), matched by class: top-1 same-class
+match and mAP (relevant = same class), both directions.
 """
 
 import argparse
 from pathlib import Path
 
+from imagebind_lite.bind import format_emergent, pair_retrieval
+from imagebind_lite.bound import BoundModel
 from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import (
@@ -47,9 +54,10 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--checkpoint",
         action="append",
-        required=True,
         help="a run folder; repeat for several modalities",
     )
+    parser.add_argument("--bound", help="a bound model folder (train/bind.py); with --pair")
+    parser.add_argument("--pair", nargs=2, metavar=("A", "B"), help="two of its modalities")
     parser.add_argument(
         "--dataset",
         help="a protocol (clotho, audiocaps, sund, ...) or layout "
@@ -78,6 +86,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.bound or args.pair:
+        if not (args.bound and args.pair) or args.checkpoint:
+            parser.error("--bound DIR takes --pair A B (and no --checkpoint)")
+        return bound_pair(args)
+    if not args.checkpoint:
+        parser.error("give --checkpoint RUN (repeatable) or --bound DIR --pair A B")
     progress = not args.no_progress
     ks = [int(k) for k in args.ks.split(",")]
     with one_line_errors():
@@ -120,6 +134,18 @@ def main(argv=None) -> dict:
     print(format_retrieval(results, ks))
     out = Path(args.out or Path(args.checkpoint[0]) / "eval" / f"retrieval_{name}.json")
     write_json(out, {"checkpoints": args.checkpoint, "dataset": name, "retrieval": results})
+    print(f"wrote {out}")
+    return results
+
+
+def bound_pair(args) -> dict:
+    a, b = args.pair
+    with one_line_errors():
+        bound = BoundModel.from_pretrained(args.bound, args.device, trust_code=args.trust_code)
+        results = pair_retrieval(bound, a, b, args.batch_size)
+    print(format_emergent(a, b, results))
+    out = Path(args.out or Path(args.bound) / "eval" / f"retrieval_{a}_{b}.json")
+    write_json(out, {"bound": args.bound, "pair": [a, b], "retrieval": results})
     print(f"wrote {out}")
     return results
 

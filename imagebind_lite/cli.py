@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.resources
 import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .bind import bind, combine
+from .config import BindConfig, ConfigError, load_config, resolve_config_arg, shipped_config
 from .train import train
+
+# Kept importable from here (scripts and tests): the shipped configs live in config.py.
+__all__ = [
+    "one_line_errors",
+    "resolve_config_arg",
+    "run_script",
+    "shipped_config",
+    "train_main",
+    "bind_main",
+]
 
 TRUST_CODE_HELP = "run a run folder's own modality code (modality.py); only for runs you trust"
 
@@ -44,34 +54,6 @@ def run_script(main: Callable, ok: Callable = lambda result: True) -> None:
     sys.exit(0 if ok(result) else 1)
 
 
-def shipped_config(name: str) -> Path:
-    """A config shipped with the package (``audio.yaml`` or ``audio``): the top-level
-    ``configs/`` of the source tree, installed as ``imagebind_lite.configs``."""
-    file = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    try:
-        folder = importlib.resources.files("imagebind_lite.configs")
-    except ModuleNotFoundError:
-        raise ConfigError(
-            "the shipped configs are not installed: install the package (pip install -e .)"
-        ) from None
-    path = Path(str(folder / file))
-    if not path.is_file():
-        known = sorted(p.name for p in Path(str(folder)).glob("*.yaml"))
-        raise ConfigError(f"no shipped config {file!r}; shipped: {', '.join(known)}")
-    return path
-
-
-def resolve_config_arg(value: str | None, default: str | None) -> Path | None:
-    """``--config``: a YAML file, else the name of a shipped config; without it, the script's
-    own shipped config (None: the dataclass defaults)."""
-    if value is None:
-        return shipped_config(default) if default else None
-    path = Path(value)
-    if path.is_file() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
-        return path  # load_config names a missing file in one line
-    return shipped_config(value)
-
-
 def train_main(default_config: str | None, argv: list[str] | None = None) -> dict:
     """``default_config``: a file in ``configs/``, or None to start from the dataclass defaults."""
     parser = argparse.ArgumentParser(
@@ -98,6 +80,49 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
     with one_line_errors():
         cfg = load_config(resolve_config_arg(args.config, default_config), args.overrides)
         metrics = train(cfg, resume=args.resume)
+    if metrics:
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        print(json.dumps(shown, indent=2))
+    return metrics
+
+
+def bind_main(argv: list[str] | None = None) -> dict | None:
+    """``train/bind.py``: several modalities in one run, or ``--from RUN... --out DIR``."""
+    parser = argparse.ArgumentParser(
+        description="Bind several modalities to the frozen CLIP anchor in one run (one space), "
+        "or combine single-modality runs that share an anchor into one bound folder.",
+        epilog="Any config field can be overridden: section.field=value, e.g. "
+        "modalities.audio.data.batch_size=64",
+    )
+    parser.add_argument("--config", help="YAML config (default: configs/bind.yaml)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the latest bind run (or RUN_DIR / a checkpoint) from its last checkpoint",
+    )
+    parser.add_argument("--from", dest="runs", nargs="+", metavar="RUN", help="runs to combine")
+    parser.add_argument("--out", help="the bound folder that --from writes")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+    if args.runs is not None:
+        if not args.out or args.overrides or args.resume:
+            parser.error("--from RUN... takes --out DIR and nothing else")
+        with one_line_errors():
+            if Path(args.out).exists():
+                raise ConfigError(f"--out: {args.out} exists; name a new folder")
+            out = combine(args.runs, args.out)
+        print(f"wrote {out}")
+        return None
+    with one_line_errors():
+        path = resolve_config_arg(args.config, "bind.yaml")
+        cfg = load_config(path, args.overrides, cls=BindConfig)
+        metrics = bind(cfg, resume=args.resume)
     if metrics:
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         print(json.dumps(shown, indent=2))

@@ -7,6 +7,7 @@ line naming the field.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +91,35 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     tracker: str | None = "tensorboard"  # any Accelerate tracker, or null
+
+
+@dataclass
+class BindConfig:
+    """Several modalities against one anchor in one run (``train/bind.py``). Each entry of
+    ``modalities`` is ``{config: a YAML file or shipped name (default: the shipped
+    <modality>.yaml, else the defaults), weight: its share of the steps (default: its epochs x
+    batches per epoch), ...}`` plus any TrainConfig field of that modality (``data.batch_size``,
+    ``encoder.size``, ``encoder.temperature``, ``data.preprocess``, ``optim.lr``, ...)."""
+
+    modalities: dict = field(default_factory=dict)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    sampling: str = "random"  # random: weighted draw from (seed, step); round_robin
+    steps: int | None = None  # total; default: the sum of each modality's epochs x batches
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    warmup_steps: int | None = None  # default: the sum of each modality's warm-up steps
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    emergent: list = field(default_factory=list)  # [[a, b], ...]; default: every pair
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: bind-<modality>-<modality>...
+    mixed_precision: str = "no"
+    num_workers: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    tracker: str | None = "tensorboard"
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -198,8 +228,14 @@ def parse_override(text: str) -> dict:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = TrainConfig):
-    """Defaults <- YAML file <- command-line overrides, validated against ``cls``."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    cls: type = TrainConfig,
+    extra: dict | None = None,
+):
+    """Defaults <- YAML file <- ``extra`` (nested fields) <- command-line overrides, validated
+    against ``cls``."""
     data: dict = dataclasses.asdict(cls())
     if path is not None:
         path = Path(path)
@@ -214,6 +250,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
         # Validate the file's own fields before merging so that errors name the real field.
         _from_dict(cls, _merge(data, loaded))
         data = _merge(data, loaded)
+    if extra:
+        data = _merge(data, extra)
     for text in overrides:
         data = _merge(data, parse_override(text))
     return _from_dict(cls, data)
@@ -232,3 +270,34 @@ def config_to_dict(config) -> dict:
 
 def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def shipped_config(name: str) -> Path:
+    """A config shipped with the package (``audio.yaml`` or ``audio``): the top-level
+    ``configs/`` of the source tree, installed as ``imagebind_lite.configs``."""
+    file = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    # In a source tree the package's own configs/ (an editable install may map the installed
+    # name to another checkout's).
+    source = Path(__file__).resolve().parents[1] / "configs"
+    try:
+        folder = source if source.is_dir() else importlib.resources.files("imagebind_lite.configs")
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "the shipped configs are not installed: install the package (pip install -e .)"
+        ) from None
+    path = Path(str(folder / file))
+    if not path.is_file():
+        known = sorted(p.name for p in Path(str(folder)).glob("*.yaml"))
+        raise ConfigError(f"no shipped config {file!r}; shipped: {', '.join(known)}")
+    return path
+
+
+def resolve_config_arg(value: str | None, default: str | None) -> Path | None:
+    """``--config``: a YAML file, else the name of a shipped config; without it, the script's
+    own shipped config (None: the dataclass defaults)."""
+    if value is None:
+        return shipped_config(default) if default else None
+    path = Path(value)
+    if path.is_file() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path  # load_config names a missing file in one line
+    return shipped_config(value)

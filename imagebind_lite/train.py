@@ -106,6 +106,11 @@ def validate_config(cfg: TrainConfig) -> None:
 def resolve_run_dir(cfg: TrainConfig, resume: str | bool | None) -> tuple[Path, Path | None]:
     """(run folder, checkpoint to resume from). A new run never overwrites an old one."""
     base = Path(cfg.output_dir) / (cfg.run_name or f"{cfg.modality}-{cfg.data.dataset}")
+    return resolve_run_folder(base, resume)
+
+
+def resolve_run_folder(base: Path, resume: str | bool | None) -> tuple[Path, Path | None]:
+    """``base`` (or ``base-N`` when taken) for a new run; the run and its checkpoint to resume."""
     if resume:
         run_dir = Path(resume) if isinstance(resume, str) else _latest_run(base)
         if run_dir is None or not run_dir.is_dir():

@@ -11,6 +11,10 @@ A *task* (alignment in ``imagebind_lite/train.py``, anchor fine-tuning in
 - ``Task.evaluate(run)``: the metrics logged every ``eval_every_epochs``;
   ``Task.finish(run)``: the final evaluation and what is saved, returned as the run's result.
 
+A task whose steps are not a shuffled split of one set (binding: one modality per step, each
+with its own batch) sets ``TaskParts.step_batches``: its training set is then batch-level, item
+``i`` being step ``i``'s batch on this process, read in order and not sharded by Accelerate.
+
 Read top to bottom: build (one Accelerator construction, AdamW over the task's param groups,
 linear warm-up then cosine, a DataLoader whose batch is one optimizer step on one process), the
 step (``train_step``: the objective's backward, grad clip, AdamW), checkpoint/resume (Accelerate
@@ -43,11 +47,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
     ProjectConfiguration,
     gather_object,
+    send_to_device,
     set_seed,
 )
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
@@ -80,6 +86,8 @@ class LoopSettings:
     eval_every_epochs: int = 0  # 0: only the task's final evaluation
     desc: str = "train"  # progress bar label
     quiet: bool = False
+    # DDP: parameters a step may leave unused (several encoders, one of them used per step).
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -103,6 +111,10 @@ class Objective:
     def after_step(self, ctx: StepContext) -> None:
         """Called after the optimizer step (e.g. to clamp a parameter)."""
 
+    def scalars(self) -> dict:
+        """More ``train/*`` scalars for the tracker (e.g. a loss per modality)."""
+        return {}
+
 
 @dataclass
 class TaskParts:
@@ -111,6 +123,10 @@ class TaskParts:
     train_set: Dataset
     objective: Objective
     collate_fn: Callable | None = None
+    # True: ``train_set[i]`` is already step ``i`` of the epoch on this process (a batch-level
+    # dataset: the task batches, orders and shards it, e.g. one modality per step); the loop
+    # iterates it in order and neither batches, shuffles nor shards it.
+    step_batches: bool = False
 
 
 @dataclass
@@ -125,6 +141,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     global_batch: int  # samples per optimizer step over all processes
+    step_batches: bool = False  # TaskParts.step_batches
     step: int = 0
     loss: float = float("nan")
     skipped: Counter = field(default_factory=Counter)  # bad inputs replaced, by reason
@@ -169,9 +186,13 @@ def build_accelerator(s: LoopSettings) -> Accelerator:
         project = ProjectConfiguration(
             project_dir=str(s.run_dir), logging_dir=str(Path(s.run_dir) / "logs")
         )
+    handlers = []
+    if s.find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         # Without this a CPU-only multi-process launch trains each rank alone.
         cpu=not torch.cuda.is_available(),
+        kwargs_handlers=handlers,
         mixed_precision=s.mixed_precision,
         log_with=s.tracker,
         project_config=project,
@@ -220,15 +241,29 @@ def build_loader(train_set: Dataset, s: LoopSettings, collate_fn=None) -> DataLo
     )
 
 
+def _identity(batch):
+    return batch
+
+
+def step_loader(train_set: Dataset, s: LoopSettings, offset: int = 0) -> DataLoader:
+    """A batch-level dataset's steps from ``offset`` on, in order, one item per step."""
+    steps = Subset(train_set, range(offset, len(train_set))) if offset else train_set
+    return DataLoader(steps, batch_size=None, num_workers=s.num_workers, collate_fn=_identity)
+
+
 def prepare_run(task: Task, accelerator: Accelerator) -> Run:
     """The task's parts -> prepared model, AdamW, loader and the warm-up/cosine schedule."""
     s = task.settings
     parts = task.build(accelerator)
-    loader = build_loader(parts.train_set, s, parts.collate_fn)
-    if len(loader) // accelerator.num_processes == 0:
-        raise ConfigError(task.batch_too_large(accelerator.num_processes, len(parts.train_set)))
     optimizer = torch.optim.AdamW(parts.param_groups, lr=s.lr, betas=tuple(s.betas))
-    model, optimizer, loader = accelerator.prepare(parts.model, optimizer, loader)
+    if parts.step_batches:
+        loader = step_loader(parts.train_set, s)
+        model, optimizer = accelerator.prepare(parts.model, optimizer)
+    else:
+        loader = build_loader(parts.train_set, s, parts.collate_fn)
+        if len(loader) // accelerator.num_processes == 0:
+            raise ConfigError(task.batch_too_large(accelerator.num_processes, len(parts.train_set)))
+        model, optimizer, loader = accelerator.prepare(parts.model, optimizer, loader)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * s.epochs
     if s.max_steps:
@@ -247,6 +282,7 @@ def prepare_run(task: Task, accelerator: Accelerator) -> Run:
         steps_per_epoch,
         total_steps,
         global_batch,
+        parts.step_batches,
     )
 
 
@@ -352,6 +388,7 @@ def log_progress(s: LoopSettings, run: Run, bar, epoch: int, rate: float) -> Non
             "lr": run.scheduler.get_last_lr()[0],
             "samples_per_second": rate,
             "epoch": epoch,
+            **run.ctx.objective.scalars(),
         }
         log_scalars(run.accelerator, "train", train, run.step)
 
@@ -369,13 +406,17 @@ def sum_counters(accelerator, counter: Counter) -> Counter:
 # ------------------------------------------------------------------------- epochs and the run
 
 
-def epoch_batches(run: Run, seed: int, epoch: int, offset: int):
+def epoch_batches(run: Run, s: LoopSettings, epoch: int, offset: int):
     """The batches of ``epoch`` from batch ``offset`` on (a resume mid-epoch). The iterator is
     created right after this returns, with the RNG seeded by the epoch."""
-    run.loader.set_epoch(epoch)
     if hasattr(run.train_set, "set_epoch"):
         run.train_set.set_epoch(epoch)
-    reseed(seed, "epoch", epoch)
+    if run.step_batches:
+        reseed(s.seed, "epoch", epoch)
+        device = run.accelerator.device
+        return (send_to_device(b, device) for b in step_loader(run.train_set, s, offset))
+    run.loader.set_epoch(epoch)
+    reseed(s.seed, "epoch", epoch)
     return run.accelerator.skip_first_batches(run.loader, offset) if offset else run.loader
 
 
@@ -408,7 +449,7 @@ def train_epochs(task: Task, run: Run) -> None:
     run.model.train()
     while run.step < run.total_steps:
         epoch, offset = divmod(run.step, run.steps_per_epoch)
-        for batch in epoch_batches(run, s.seed, epoch, offset):
+        for batch in epoch_batches(run, s, epoch, offset):
             advance(run, s.seed, batch)
             log_progress(s, run, bar, epoch, run.trained_samples / (time.perf_counter() - start))
             start += maybe_evaluate(task, run)

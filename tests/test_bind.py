@@ -1,0 +1,291 @@
+"""One space: audio and pen trained against the anchor in ONE run (train/bind.py), the bound
+folder it writes, emergent audio<->pen retrieval, 2 processes = 1 at twice the batch, kill -9
+then --resume, and the bad inputs refused in one line before training."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FSDD, REPO
+from PIL import Image
+from safetensors.torch import load_file
+from test_pen import TES, raw_lines
+
+from imagebind_lite.bind import schedule
+from imagebind_lite.bound import BoundModel
+from imagebind_lite.config import load_config
+from imagebind_lite.data.avmnist import DIGIT_NAMES, DIGIT_TEMPLATES, load_digit_images
+from imagebind_lite.evaluation.zero_shot import class_text_embeddings
+from imagebind_lite.modalities.pen import load as load_pen
+from imagebind_lite.train import latest_checkpoint, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SMALL = "{depth: 1, width: 48, heads: 2, drop_path: 0.0}"
+KEYS = [
+    "zero_shot_top1.audio",
+    "zero_shot_top1.pen",
+    "emergent_top1.audio->pen",
+    "emergent_top1.pen->audio",
+    "emergent_map.audio->pen",
+    "emergent_map.pen->audio",
+    "train_seconds",
+    "samples_per_second.audio",
+    "samples_per_second.pen",
+    "final_loss.audio",
+    "final_loss.pen",
+]
+
+# train/bind.py that kills itself with SIGKILL once the checkpoint of step KILL_AT is complete.
+KILLED_AFTER_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import imagebind_lite.training.loop as loop
+    from imagebind_lite.cli import bind_main
+
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *rest):
+        save(accelerator, run_dir, step, *rest)
+        if step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    loop.save_checkpoint = save_then_die
+    bind_main(sys.argv[1:])
+    """
+)
+
+
+def tiny(out, *extra, steps=40, batch=64):
+    """configs/bind.yaml made short: small encoders, equal weights, round-robin."""
+    return [
+        f"output_dir={out}",
+        "tracker=null",
+        f"max_steps={steps}",
+        "warmup_steps=2",
+        "sampling=round_robin",
+        "checkpoint_every=1000",
+        "modalities.audio.weight=1",
+        "modalities.pen.weight=1",
+        f"modalities.audio.encoder.overrides={SMALL}",
+        f"modalities.pen.encoder.overrides={SMALL}",
+        f"modalities.audio.data.batch_size={batch}",
+        f"modalities.pen.data.batch_size={batch}",
+        *extra,
+    ]
+
+
+def run(args, timeout=600, **env):
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def launch(*args, processes=1):
+    multi = ["--multi_gpu", "--num_machines", "1"] if processes > 1 else []
+    head = ["-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes)]
+    head += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return run([*head, *args])
+
+
+@pytest.fixture(scope="module")
+def bind_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bind")
+    # README's command, with tiny overrides appended. Audio starts slower than pen: three audio
+    # steps (of 32, at a gentler learning rate) for each pen step.
+    audio = [
+        "modalities.audio.encoder.overrides={depth: 1, drop_path: 0.0}",
+        "modalities.audio.weight=3",
+        "modalities.audio.data.batch_size=32",
+        "modalities.audio.optim.lr=0.001",
+        "warmup_steps=10",
+    ]
+    proc = launch("train/bind.py", *tiny(out, *audio, steps=80))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "bind-audio-pen", proc.stdout
+
+
+def test_schedule_is_a_function_of_seed_and_step():
+    a = schedule([3, 1], 400, seed=0, sampling="random")
+    assert a == schedule([3, 1], 400, seed=0, sampling="random")
+    assert a != schedule([3, 1], 400, seed=1, sampling="random")
+    assert 0.68 < a.count(0) / 400 < 0.82  # weighted 3:1
+    assert schedule([2, 1], 6, seed=0, sampling="round_robin") == [0, 1, 0, 0, 1, 0]
+
+
+def test_bind_run_trains_both_and_writes_a_bound_folder(bind_run):
+    run_dir, stdout = bind_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(KEYS) <= set(metrics)
+    assert metrics["steps"] == 80 and (metrics["steps.audio"], metrics["steps.pen"]) == (60, 20)
+    assert "emergent (held out on both sides) audio->pen: top1" in stdout
+    losses = json.loads((run_dir / "losses.json").read_text())
+    for m in ("audio", "pen"):
+        first, last = np.mean(losses[m][:3]), np.mean(losses[m][-3:])
+        assert last < first - 0.5, (m, first, last)  # the loss falls
+        assert metrics[f"samples_per_second.{m}"] > 0
+    # Zero-shot on unseen writers well above chance (0.10) after 20 pen steps. Audio on unseen
+    # speakers is slow to start (about 0.14 after 60 small steps; 0.7 takes the full run): here
+    # it must only have left the collapsed state, whose loss is log(batch) = 3.47.
+    assert metrics["zero_shot_top1.pen"] > 0.4
+    assert metrics["zero_shot_top1.audio"] >= 0.1 and np.mean(losses["audio"][-5:]) < 3.45
+    assert metrics["num_eval.audio"] == 1000 and metrics["num_eval.pen"] == 3498
+    assert json.loads((run_dir / "model" / "bound.json").read_text())["encoders"] == {
+        "audio": "audio",
+        "pen": "pen",
+    }
+    assert latest_checkpoint(run_dir).name == "step_00000080"
+
+
+def _pen_file(folder: Path) -> Path:
+    """The first digit of pendigits-orig.tes (an unseen writer's 8) as a UNIPEN file."""
+    lines = raw_lines(TES)
+    starts = [i for i, line in enumerate(lines) if line.startswith(".SEGMENT")]
+    path = folder / "eight.txt"
+    path.write_text("".join(lines[: starts[1]]))
+    return path
+
+
+def test_bound_model_embeds_every_modality_from_files(bind_run, tmp_path):
+    run_dir, _ = bind_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model = BoundModel.from_pretrained(run_dir / "model")
+    text = class_text_embeddings(model.embed_text, DIGIT_NAMES, DIGIT_TEMPLATES)
+    # Every clip of the held-out speakers, read from its file: the run's zero-shot top-1.
+    clips = sorted(p for p in FSDD.glob("*.flac") if p.stem.split("_")[1] in ("george", "theo"))
+    labels = torch.tensor([int(p.stem.split("_")[0]) for p in clips])
+    audio = model.embed_audio(clips)
+    top1 = float(((audio @ text.T).argmax(1) == labels).float().mean())
+    assert len(clips) == 1000 and abs(top1 - metrics["zero_shot_top1.audio"]) < 1e-6
+    pens = [_pen_file(tmp_path)]
+    pen = model.embed_pen(pens)
+    config = model.configs["pen"]
+    with torch.no_grad():
+        x = torch.stack([load_pen(p, **config["preprocess"]) for p in pens])
+        direct = torch.nn.functional.normalize(model.encoders["pen"](x), dim=-1)
+    torch.testing.assert_close(pen, direct)
+    images, image_labels = load_digit_images()
+    png = tmp_path / "digit.png"
+    Image.fromarray((images[0].numpy() * 255 / images[0].max().item()).astype("uint8")).save(png)
+    image = model.embed_image([png])
+    for emb in (text, audio, pen, image):
+        assert emb.shape[1] == 64 and torch.allclose(emb.norm(dim=1), torch.ones(len(emb)))
+
+
+def test_retrieval_script_scores_the_pair_of_a_bound_model(bind_run, tmp_path):
+    run_dir, _ = bind_run
+    spec = importlib.util.spec_from_file_location("eval_retrieval", REPO / "eval/retrieval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "pair.json"
+    argv = ["--bound", str(run_dir / "model"), "--pair", "audio", "pen", "--out", str(out)]
+    results = module.main([*argv, "--batch-size", "256"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key, value in results.items():
+        assert abs(value - metrics[key]) < 1e-6, key
+    assert json.loads(out.read_text())["pair"] == ["audio", "pen"]
+
+
+def test_two_processes_give_the_losses_of_one_at_twice_the_batch(tmp_path):
+    # The patch-stem audio encoder: the conv stem's BatchNorm normalises over each process's
+    # own rows (DDP without SyncBatchNorm, which has no CPU kernel), so it is not comparable.
+    args = ["train/bind.py", "anchor.pretrained=null", "checkpoint_every=0"]
+    args.append("modalities.audio.encoder.size=tiny")
+    one = launch(*args, *tiny(tmp_path / "one", steps=4, batch=32))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(*args, *tiny(tmp_path / "two", steps=4, batch=16), processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one/bind-audio-pen/losses.json").read_text())
+    b = json.loads((tmp_path / "two/bind-audio-pen/losses.json").read_text())
+    assert len(a["audio"]) == len(a["pen"]) == 2
+    for m in ("audio", "pen"):
+        np.testing.assert_allclose(a[m], b[m], rtol=0, atol=1e-5, err_msg=m)
+    second = json.loads((tmp_path / "two/bind-audio-pen/metrics.json").read_text())
+    assert second["world_size"] == 2 and second["global_batch.audio"] == 32
+
+
+def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
+    def overrides(out):
+        # Drop path on: its masks must be drawn alike after the resume.
+        deep = "{depth: 2, width: 32, heads: 2, drop_path: 0.2}"
+        return tiny(
+            out,
+            "anchor.pretrained=null",
+            "checkpoint_every=3",
+            "sampling=random",
+            f"modalities.audio.encoder.overrides={deep}",
+            steps=8,
+            batch=32,
+        )
+
+    reference = run(["train/bind.py", *overrides(tmp_path / "a")])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = run(["-c", KILLED_AFTER_CHECKPOINT, *overrides(tmp_path / "b")], KILL_AT="6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "b" / "bind-audio-pen"
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run(["train/bind.py", "--resume", *overrides(tmp_path / "b")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from step 6" in resumed.stdout + resumed.stderr
+    for m in ("audio", "pen"):
+        a = load_file(str(tmp_path / f"a/bind-audio-pen/model/{m}/model.safetensors"))
+        b = load_file(str(run_dir / f"model/{m}/model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("modalities.smell={}", "modalities.smell: unknown modality 'smell'"),
+        ("modalities.imu={}", "modalities.imu: no dataset: 'avmnist' pairs images with audio"),
+    ],
+)
+def test_bad_bind_configs_fail_in_one_line_before_training(tmp_path, override, message):
+    proc = run(["train/bind.py", *tiny(tmp_path), override])
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_combining_runs_with_different_anchors_is_refused(tmp_path):
+    common = [f"output_dir={tmp_path}", "tracker=null", "optim.max_steps=1"]
+    small = "encoder.overrides={depth: 1, width: 32, heads: 2}"
+    pen = load_config(REPO / "configs/pen.yaml", [*common, small])
+    depth = load_config(
+        REPO / "configs/depth.yaml",
+        [
+            *common,
+            small,
+            "anchor.pretrained=null",
+            "data.options={train_size: 64, test_size: 16}",
+            "data.batch_size=32",
+        ],
+    )
+    runs = [train(pen, quiet=True)["run_dir"], train(depth, quiet=True)["run_dir"]]
+    out = tmp_path / "bound"
+    proc = run(["train/bind.py", "--from", *runs, "--out", str(out)])
+    assert proc.returncode != 0 and not out.exists()
+    # The one line, after open_clip's warning that the random anchor has no weights.
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("WARNING")]
+    assert len(lines) == 1 and "trained against another anchor" in lines[0], proc.stderr
+    # Runs that share the anchor combine into one bound folder.
+    audio = load_config(REPO / "configs/audio.yaml", [*common, small, "data.batch_size=32"])
+    runs[1] = train(audio, quiet=True)["run_dir"]
+    proc = run(["train/bind.py", "--from", *runs, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = BoundModel.from_pretrained(out)
+    assert set(model.encoders) == {"pen", "audio"}
+    assert model.configs["audio"]["data"]["dataset"] == "avmnist"
