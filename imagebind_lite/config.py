@@ -276,11 +276,15 @@ def shipped_config(name: str) -> Path:
     """A config shipped with the package (``audio.yaml`` or ``audio``): the top-level
     ``configs/`` of the source tree, installed as ``imagebind_lite.configs``."""
     file = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    # In a source tree the package's own configs/ (an editable install may map the installed
-    # name to another checkout's).
-    source = Path(__file__).resolve().parents[1] / "configs"
+    # In a source tree (setup.py beside the package) its own configs/: an editable install may
+    # map the installed name to another checkout's.
+    tree = Path(__file__).resolve().parents[1]
+    source = tree / "configs"
     try:
-        folder = source if source.is_dir() else importlib.resources.files("imagebind_lite.configs")
+        if (tree / "setup.py").is_file() and source.is_dir():
+            folder = source
+        else:
+            folder = importlib.resources.files("imagebind_lite.configs")
     except ModuleNotFoundError:
         raise ConfigError(
             "the shipped configs are not installed: install the package (pip install -e .)"
