@@ -17,10 +17,12 @@ adds one from any file with ``register_modality`` (``docs/extending.md``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,18 +142,53 @@ class ModalitySpec:
 _REGISTRY: dict[str, ModalitySpec] = {}
 
 
+def _hash_code(code: types.CodeType, h) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _hash_code(const, h)
+        else:
+            h.update(repr(const).encode())
+
+
+def _hash_callable(fn: Any, h) -> None:
+    """What a function (or a class's methods, or a partial) computes, not where it lives."""
+    if isinstance(fn, functools.partial):
+        _hash_callable(fn.func, h)
+        h.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+    elif isinstance(fn, type):
+        for name, member in sorted(vars(fn).items()):
+            if callable(member) and hasattr(member, "__code__"):
+                h.update(name.encode())
+                _hash_code(member.__code__, h)
+    elif hasattr(fn, "__code__"):
+        _hash_code(fn.__code__, h)
+    else:
+        h.update(repr(type(fn)).encode())
+
+
+def definition_digest(spec: ModalitySpec) -> str:
+    """The same modality defined by the same code (a module imported twice, or a saved model's
+    copy of its file) has the same digest; any other definition has another, lambdas included."""
+    h = hashlib.sha256()
+    h.update(repr((spec.sizes, spec.preprocess, spec.temperature, spec.sample_ndim)).encode())
+    for fn in (spec.build_stem, spec.load, spec.augment, spec.load_source, spec.read_aligned):
+        h.update(b"|")
+        if fn is not None:
+            _hash_callable(fn, h)
+    return h.hexdigest()
+
+
 def register_modality(spec: ModalitySpec, overwrite: bool = False) -> ModalitySpec:
     existing = _REGISTRY.get(spec.name)
     if existing is not None and not overwrite:
-        # The same file imported twice (a test module, then a saved model's copy of it)
-        # registers the same modality again: accept it; a different one is a clash.
-        same_origin = (
-            getattr(existing.build_stem, "__qualname__", None)
-            == getattr(spec.build_stem, "__qualname__", None)
-            and existing.sizes == spec.sizes
-        )
-        if not same_origin:
-            raise ValueError(f"modality {spec.name!r} is already registered")
+        # The same definition registered again is accepted; a different one is a clash.
+        if definition_digest(existing) != definition_digest(spec):
+            raise ValueError(
+                f"modality {spec.name!r} is already registered by other code; pass "
+                "overwrite=True to replace it"
+            )
     _REGISTRY[spec.name] = spec
     return spec
 

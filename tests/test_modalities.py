@@ -89,3 +89,28 @@ def test_conv_stem_size_and_utterance_norm():
     assert (normed[..., frames:] == 0).all()
     expected = plain[..., :frames] - plain[..., :frames].mean(-1, keepdim=True)
     torch.testing.assert_close(real, expected)
+
+
+def test_register_modality_clash_does_not_depend_on_qualnames(tmp_path):
+    from imagebind_lite.registry import ModalitySpec, import_modality_file, register_modality
+
+    def spec(stem, sizes=None):
+        return ModalitySpec("clash_probe", 0.1, sizes or {"tiny": {"width": 8}}, stem)
+
+    register_modality(spec(lambda size, options: ("a", size)), overwrite=True)
+    # Another lambda (same qualname "<lambda>") with other code is a clash ...
+    with pytest.raises(ValueError, match="already registered by other code"):
+        register_modality(spec(lambda size, options: ("b", size)))
+    # ... and so are the same code with other sizes.
+    with pytest.raises(ValueError, match="already registered by other code"):
+        register_modality(spec(lambda size, options: ("a", size), {"tiny": {"width": 16}}))
+    # The same file imported twice (a model folder's copy of it) is the same definition.
+    text = (
+        "from imagebind_lite.registry import ModalitySpec, register_modality\n"
+        "register_modality(ModalitySpec('copied_probe', 0.1, {'tiny': {'width': 8}},"
+        " lambda size, options: size))\n"
+    )
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "modality.py").write_text(text)
+        import_modality_file(tmp_path / folder / "modality.py")
