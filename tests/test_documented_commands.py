@@ -82,7 +82,7 @@ class Run:
 
 
 # Tiny training: 2 steps, a 1-block encoder, no tracker, and the small digit copy / scene set.
-TINY = "optim.max_steps=2 tracker=null encoder.overrides={depth: 1, width: 32, heads: 2}"
+TINY = "optim.max_steps=2 tracker=null 'encoder.overrides={depth: 1, width: 32, heads: 2}'"
 AUDIO = f"{TINY} data.batch_size=16 data.root=<avmnist> 'data.options={{test_speakers: [theo]}}'"
 SCENES = "'data.options={train_size: 32, test_size: 16}'"
 DEPTH = f"{TINY} data.batch_size=16 {SCENES}"
@@ -145,7 +145,7 @@ COMMANDS = {
         {"SUNRGBD": "copy:sunrgbd"}
     ),
     "accelerate launch train/align_depth.py data.dataset=sunrgbd data.root=SUNRGBD "
-    "encoder.size=imagebind data.preprocess={image_size: 224} anchor.model=ViT-H-14 "
+    "encoder.size=imagebind 'data.preprocess={image_size: 224}' anchor.model=ViT-H-14 "
     "anchor.pretrained=laion2b_s32b_b79k anchor.model_config=null": Run(
         {"SUNRGBD": "sunrgbd"}, f"{TINY} data.batch_size=2 {SMALL_ANCHOR}"
     ),
@@ -168,7 +168,7 @@ COMMANDS = {
     # ---- README / docs/extending.md: a modality in one file
     "accelerate launch train/align.py modality_file=my_sensor.py modality=my_sensor "
     "data.dataset=manifest data.root=DATA "
-    "data.options={manifest: train.csv, eval_manifest: test.csv}": Run(
+    "'data.options={manifest: train.csv, eval_manifest: test.csv}'": Run(
         {"my_sensor.py": "my_sensor_py", "DATA": "sensor_data"}, DEPTH
     ),
     "accelerate launch train/align.py modality_file=my_modality.py modality=my_sensor "
