@@ -104,10 +104,10 @@ COMMANDS = {
         {"my.yaml": "my_yaml"}, AUDIO
     ),
     "accelerate launch train/align_audio.py --resume": Run(
-        {"runs/audio-avmnist": "copy:audio_run"}, "optim.max_steps=3"
+        {"runs/audio-avmnist": "copy:audio_run"}, f"{AUDIO} optim.max_steps=3"
     ),
     "accelerate launch train/align_audio.py --resume runs/audio-avmnist/checkpoints/step_00000200": Run(
-        {"runs/audio-avmnist": "copy:audio_run_200"}, "optim.max_steps=201"
+        {"runs/audio-avmnist": "copy:audio_run_200"}, f"{AUDIO} optim.max_steps=201"
     ),
     "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
     "--dynamo_backend no train/align_audio.py": Run(extra=AUDIO),
