@@ -74,7 +74,9 @@ def normalise(command: str) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    links: dict = field(default_factory=dict)  # sandbox name -> fixture (copy: a copy of it)
+    # sandbox name -> fixture: a link to it (and its NAME.* sidecars), "copy:F" a copy, and
+    # "." links every file of the fixture's folder into the sandbox
+    links: dict = field(default_factory=dict)
     extra: str = ""  # appended; <fixture> is replaced by the fixture's path
     rewrite: dict = field(default_factory=dict)  # text -> text, for what CPU cannot do
     machines: int = 1  # 2: run rank 0 and rank 1 on 127.0.0.1 at once
@@ -86,6 +88,7 @@ TINY = "optim.max_steps=2 tracker=null 'encoder.overrides={depth: 1, width: 32, 
 AUDIO = f"{TINY} data.batch_size=16 data.root=<avmnist> 'data.options={{test_speakers: [theo]}}'"
 SCENES = "'data.options={train_size: 32, test_size: 16}'"
 DEPTH = f"{TINY} data.batch_size=16 {SCENES}"
+SENSOR = f"{TINY} data.batch_size=4"  # the 8 training rows of sensor_data
 SMALL_ANCHOR = (  # a random architecture the size of the shipped anchor, for ViT-H/B lines
     "anchor.model=tiny-clip-32 anchor.model_config=imagebind_lite:tiny-clip-32 anchor.pretrained=null"
 )
@@ -113,7 +116,7 @@ COMMANDS = {
     "--dynamo_backend no train/align_audio.py": Run(extra=AUDIO),
     # 8 GPUs, bf16 -> 2 CPU processes in fp32
     "accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train/align_audio.py "
-    "mixed_precision=bf16": Run(extra=f"{AUDIO} mixed_precision=no", rewrite=ONE_GPU_BF16),
+    "mixed_precision=bf16": Run(extra=f"{AUDIO} 'mixed_precision=\"no\"'", rewrite=ONE_GPU_BF16),
     # 2 nodes x 8 GPUs -> 2 local machines (ranks 0 and 1) of 1 process each
     "accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 "
     "--main_process_ip HOST --main_process_port 29500 train/align_audio.py": Run(
@@ -169,7 +172,7 @@ COMMANDS = {
     "accelerate launch train/align.py modality_file=my_sensor.py modality=my_sensor "
     "data.dataset=manifest data.root=DATA "
     "'data.options={manifest: train.csv, eval_manifest: test.csv}'": Run(
-        {"my_sensor.py": "my_sensor_py", "DATA": "sensor_data"}, DEPTH
+        {"my_sensor.py": "my_sensor_py", "DATA": "sensor_data"}, SENSOR
     ),
     "accelerate launch train/align.py modality_file=my_modality.py modality=my_sensor "
     "data.dataset=my_sensor_demo": Run({"my_modality.py": "my_modality_py"}, DEPTH),
@@ -180,7 +183,7 @@ COMMANDS = {
     "accelerate launch train/align.py modality_file=my_modality.py modality=my_sensor "
     "data.dataset=manifest data.root=DATA data.options.manifest=pairs.csv "
     "'data.options.classnames=[walking, running]' 'data.options.templates=[\"a person {}.\"]'": Run(
-        {"my_modality.py": "my_modality_py", "DATA": "sensor_data"}, DEPTH
+        {"my_modality.py": "my_modality_py", "DATA": "sensor_data"}, SENSOR
     ),
     "accelerate launch train/align.py modality=imu encoder.size=imagebind data.dataset=manifest "
     "data.root=EGO4D_PAIRS data.options.manifest=pairs.csv data.preprocess.normalize=channel "
@@ -206,7 +209,7 @@ COMMANDS = {
         extra=FT, rewrite={"/tmp/ft_lora/": "ft_lora/"}, expect="ft_lora/lora.safetensors"
     ),
     # ---- the test suite itself: collected only (running it here would recurse)
-    "python -m pytest -q": Run(extra="--collect-only tests/test_config.py"),
+    "python -m pytest -q": Run({"tests": "tests_dir"}, "--collect-only tests/test_config.py"),
     # ---- docs/evaluation.md
     "python train/align_audio.py": Run(extra=AUDIO, expect="runs/audio-avmnist/model"),
     "python eval/retrieval.py --checkpoint runs/audio-avmnist": Run(
@@ -230,7 +233,7 @@ COMMANDS = {
         NP,
     ),
     "python eval/retrieval.py --checkpoint runs/AUDIO --checkpoint runs/DEPTH --manifest pairs.csv": Run(
-        {"runs/AUDIO": "audio_run", "runs/DEPTH": "depth_run", "pairs.csv": "audio_depth_pairs"}, NP
+        {"runs/AUDIO": "audio_run", "runs/DEPTH": "depth_run", ".": "audio_depth_pairs"}, NP
     ),
     "python eval/retrieval.py --checkpoint runs/DEPTH --dataset sunrgbd --root SUNRGBD": Run(
         {"runs/DEPTH": "depth_run", "SUNRGBD": "sunrgbd"}, NP
@@ -266,7 +269,7 @@ COMMANDS = {
     "accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train/align_audio.py "
     "--config configs/audio_imagebind.yaml data.root=AUDIOSET": Run(
         {"AUDIOSET": "audioset"},
-        f"{TINY} data.batch_size=2 {SMALL_ANCHOR} data.num_workers=0 mixed_precision=no "
+        f"{TINY} data.batch_size=2 {SMALL_ANCHOR} data.num_workers=0 'mixed_precision=\"no\"' "
         "encoder.size=tiny",
         rewrite=ONE_GPU_BF16,
     ),
@@ -370,8 +373,11 @@ def audio_run_200(tmp_path_factory, audio_run):
 
 @pytest.fixture(scope="session")
 def depth_run(tmp_path_factory):
+    """Synthetic scenes, with fixed depth statistics as a run on real data stores them (the
+    real-data evaluations refuse a model without)."""
     base = tmp_path_factory.mktemp("depthrun")
-    train_in(base, f"python train/align_depth.py {DEPTH}")
+    stats = "data.preprocess.mean=2.0 data.preprocess.std=1.0"
+    train_in(base, f"python train/align_depth.py {DEPTH} {stats}")
     return base / "runs" / "depth-synthetic_scenes"
 
 
@@ -380,6 +386,11 @@ def thermal_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("thermalrun")
     train_in(base, f"python train/align_thermal.py {DEPTH}")
     return base / "runs" / "thermal-synthetic_scenes"
+
+
+@pytest.fixture(scope="session")
+def tests_dir():
+    return REPO / "tests"
 
 
 @pytest.fixture(scope="session")
@@ -534,7 +545,7 @@ def audio_depth_pairs(tmp_path_factory):
         rows.append(f"p{i},a{i}.flac,d{i}.png,K.txt,mm")
     (data / "K.txt").write_text(INTRINSICS)
     (data / "pairs.csv").write_text("\n".join(rows) + "\n")
-    return data / "pairs.csv"
+    return data
 
 
 @pytest.fixture(scope="session")
@@ -633,12 +644,18 @@ def test_documented_command_runs(command, tmp_path, request):
     for name, fixture in spec.links.items():
         copy = fixture.startswith("copy:")
         source = Path(request.getfixturevalue(fixture.removeprefix("copy:")))
+        if name == ".":  # every file of the fixture's folder, beside the command
+            for child in source.iterdir():
+                (box / child.name).symlink_to(child)
+            continue
         target = box / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if copy:
             shutil.copytree(source, target, symlinks=True)
-        else:
-            target.symlink_to(source)
+            continue
+        target.symlink_to(source)
+        for sidecar in source.parent.glob(f"{source.name}.*"):  # emb.safetensors.json
+            (box / f"{name}{sidecar.name[len(source.name) :]}").symlink_to(sidecar)
     line = normalise(command)
     for old, new in spec.rewrite.items():
         assert old in line, f"rewrite {old!r} no longer matches"
