@@ -77,3 +77,9 @@ def test_script_prints_one_clear_line_and_reads_no_data(tmp_path):
         "grad_clip, lr, max_steps, warmup_epochs, weight_decay"
     )
     assert not any(tmp_path.iterdir())  # no run folder, nothing read or written
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """README's `optim.lr=1e-3`: PyYAML 1.1 reads it as a string; float fields take it."""
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5E-2"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.05

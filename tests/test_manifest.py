@@ -334,3 +334,17 @@ def test_missing_modality_column_is_a_clear_error(tmp_path, anchor):
     cfg = tiny_depth_config(tmp_path, root, "data.options={manifest: absent.csv}")
     with pytest.raises(FileNotFoundError, match="absent.csv"):
         get_dataset_builder("manifest")(cfg, anchor, get_modality("depth"))
+
+
+def test_a_relative_root_is_not_joined_twice(tmp_path, monkeypatch):
+    """`data.root=DATA` / `domains=[data/pairs.csv]` from the docs: relative to the cwd."""
+    from imagebind_lite.data import bad_input
+    from imagebind_lite.data.manifest import read_manifest
+
+    (tmp_path / "DATA").mkdir()
+    (tmp_path / "DATA" / "a.png").write_bytes(b"")
+    (tmp_path / "DATA" / "pairs.csv").write_text("vision,label\na.png,x\n")
+    monkeypatch.chdir(tmp_path)
+    records, _ = read_manifest("DATA/pairs.csv")
+    path = bad_input.resolve_inside("DATA", records[0].paths["vision"])
+    assert path == (tmp_path / "DATA" / "a.png").resolve()

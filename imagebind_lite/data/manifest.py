@@ -181,7 +181,8 @@ def rows_to_records(
     where: str = "manifest",
 ) -> tuple[list[Record], list[str] | None]:
     """Manifest rows -> (records with paths under ``root``, class names)."""
-    root = Path(root)
+    # Absolute: a relative root would be joined again by resolve_inside (root/root/file).
+    root = Path(root).absolute()
     path_keys = set(modalities or list_modalities()) | set(EXTRA_PATHS)
     raw = [_raw_labels(row.get("label")) for row in rows]
     if classnames is None:
