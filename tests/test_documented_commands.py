@@ -98,8 +98,25 @@ ONE_GPU_BF16 = {
     "--mixed_precision bf16": "--mixed_precision no",
 }
 NP = "--no-progress"
+# configs/bind.yaml made short: a few round-robin steps of small encoders on both modalities.
+BIND = (
+    "tracker=null max_steps=4 warmup_steps=1 sampling=round_robin "
+    "'modalities.audio.encoder.overrides={depth: 1, width: 32, heads: 2}' "
+    "'modalities.pen.encoder.overrides={depth: 1, width: 32, heads: 2}' "
+    "modalities.audio.data.batch_size=32 modalities.pen.data.batch_size=32"
+)
 
 COMMANDS = {
+    # ---- README: one space
+    "accelerate launch train/bind.py": Run(
+        extra=BIND, expect="runs/bind-audio-pen/model/bound.json"
+    ),
+    "python train/bind.py --from RUN_A RUN_B --out DIR": Run(
+        {"RUN_A": "audio_run", "RUN_B": "depth_run"}, expect="DIR/bound.json"
+    ),
+    "python eval/retrieval.py --bound runs/bind-audio-pen/model --pair audio pen": Run(
+        {"runs/bind-audio-pen": "bind_run"}
+    ),
     # ---- README: training
     "accelerate launch train/align_audio.py": Run(extra=AUDIO, expect="runs/audio-avmnist/model"),
     "accelerate launch train/align_depth.py optim.lr=1e-3": Run(extra=DEPTH),
@@ -379,6 +396,13 @@ def depth_run(tmp_path_factory):
     stats = "data.preprocess.mean=2.0 data.preprocess.std=1.0"
     train_in(base, f"python train/align_depth.py {DEPTH} {stats}")
     return base / "runs" / "depth-synthetic_scenes"
+
+
+@pytest.fixture(scope="session")
+def bind_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bindrun")
+    train_in(base, f"python train/bind.py {BIND}")
+    return base / "runs" / "bind-audio-pen"
 
 
 @pytest.fixture(scope="session")
