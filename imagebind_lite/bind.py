@@ -327,7 +327,9 @@ class BindTask(Task):
                 self.temperatures[m],
                 cfg.encoder.grad_checkpointing,
             )
-            objectives[m] = AlignmentObjective(self.anchor, m, self.temperatures[m], 1)
+            objectives[m] = AlignmentObjective(
+                self.anchor, m, self.temperatures[m], 1, cfg.loss.local
+            )
         model = BindModule(encoders)
         for m, cfg in self.cfgs.items():
             # Each encoder its own learning rate and weight decay, in one AdamW.

@@ -71,6 +71,13 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    # open_clip's local loss: each process scores its own rows against the global batch, so
+    # logit memory grows linearly with it; the gradients are the same (docs/scale.md).
+    local: bool = False
+
+
+@dataclass
 class EvalConfig:
     templates: str = "default"  # a template set name (imagebind_lite.evaluation.prompts) or a list
     batch_size: int = 256
@@ -85,6 +92,7 @@ class TrainConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     output_dir: str = "runs"

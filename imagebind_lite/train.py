@@ -177,6 +177,7 @@ class AlignmentObjective(Objective):
     modality: str
     temperature: float
     accum: int = 1
+    local: bool = False  # loss.local: this process's rows against the global batch
 
     def backward(self, ctx: StepContext, batch: dict) -> float:
         accelerator, model, accum = ctx.accelerator, ctx.model, self.accum
@@ -185,7 +186,7 @@ class AlignmentObjective(Objective):
             anchor_emb = anchor_embeddings(self.anchor, batch)
         if accum == 1:
             with accelerator.autocast():
-                loss = info_nce(model(inputs), anchor_emb, self.temperature)
+                loss = info_nce(model(inputs), anchor_emb, self.temperature, local=self.local)
             accelerator.backward(loss)
             return float(loss.detach())
         chunks = inputs.chunk(accum)
@@ -196,7 +197,7 @@ class AlignmentObjective(Objective):
             sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
                 emb = torch.cat(cached[:i] + [model(chunk).float()] + cached[i + 1 :])
-                loss = info_nce(emb, anchor_emb, self.temperature)
+                loss = info_nce(emb, anchor_emb, self.temperature, local=self.local)
                 accelerator.backward(loss)
         return float(loss.detach())
 
@@ -275,7 +276,7 @@ class AlignmentTask(Task):
         if cfg.encoder.compile:
             model = torch.compile(model)
         objective = AlignmentObjective(
-            self.anchor, cfg.modality, self.temperature, cfg.optim.grad_accum
+            self.anchor, cfg.modality, self.temperature, cfg.optim.grad_accum, cfg.loss.local
         )
         groups = param_groups(model, cfg.optim.weight_decay)
         return TaskParts(model, groups, self.bundle.train, objective, collate)

@@ -5,6 +5,7 @@ two), while naive accumulation (one InfoNCE per micro-batch) does not."""
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
@@ -46,13 +47,13 @@ def make_batch(size: int) -> dict:
     }
 
 
-def step_gradients(accelerator, batch: dict, accum: int, grad_clip=None):
+def step_gradients(accelerator, batch: dict, accum: int, grad_clip=None, local=False):
     model = make_model()
     names = [name for name, _ in model.named_parameters()]
     recorder = GradRecorder(model.parameters())
     prepared, optimizer = accelerator.prepare(model, recorder)
     # No anchor object: batches carry cached anchor embeddings, as with anchor.cache.
-    objective = AlignmentObjective(None, "depth", TEMPERATURE, accum)
+    objective = AlignmentObjective(None, "depth", TEMPERATURE, accum, local)
     loss = train_step(StepContext(accelerator, prepared, optimizer, objective, grad_clip), batch)
     return loss, dict(zip(names, recorder.grads))
 
@@ -103,7 +104,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str, local: bool = False) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -118,20 +119,24 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     batch = make_batch(MICRO * ACCUM)
     per_rank = MICRO * ACCUM // world
     part = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
-    loss, grads = step_gradients(accelerator, part, accum=ACCUM // world)
+    loss, grads = step_gradients(accelerator, part, accum=ACCUM // world, local=local)
     if rank == 0:
         save_file({**grads, "loss": torch.tensor(loss)}, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def test_two_processes_with_accumulation_equal_one_big_batch(tmp_path):
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+def test_two_processes_with_accumulation_equal_one_big_batch(tmp_path, local):
     # 2 ranks x 2 micro-batches x 4 = the same 16 samples as one process with 16 at once.
+    # loss.local: each rank scores its own rows only; the gradients are still the big batch's.
     out = str(tmp_path / "rank0.safetensors")
-    mp.spawn(_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), out, local), nprocs=2, join=True)
     distributed = load_file(out)
     loss = float(distributed.pop("loss"))
     big_loss, big = step_gradients(Accelerator(cpu=True), make_batch(MICRO * ACCUM), accum=1)
     diff = max_diff(big, distributed)
-    print(f"2 ranks x accum 2 vs 1 process big batch: max |grad diff| = {diff:.2e}")
-    assert diff < 1e-6 and abs(loss - big_loss) < 1e-6
+    print(f"2 ranks x accum 2 vs 1 process big batch (local={local}): max |grad diff| = {diff:.2e}")
+    assert diff < 1e-6
+    # The global loss on every rank; the local one is rank 0's rows only.
+    assert (abs(loss - big_loss) < 1e-6) != local
