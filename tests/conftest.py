@@ -50,6 +50,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def killed_after_checkpoint(main: str) -> str:
+    """Python source of a training script (``main``: a call such as
+    ``train_main("audio.yaml", sys.argv[1:])``) that kills itself with SIGKILL as soon as the
+    checkpoint of step ``$KILL_AT`` is complete: an interruption at a known step, whatever the
+    machine's speed."""
+    return (
+        "import os, signal, sys\n"
+        "import imagebind_lite.training.loop as loop\n"
+        "from imagebind_lite.cli import bind_main, train_main\n"
+        "save = loop.save_checkpoint\n"
+        "def save_then_die(accelerator, run_dir, step, *rest):\n"
+        "    save(accelerator, run_dir, step, *rest)\n"
+        "    if step == int(os.environ['KILL_AT']):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "loop.save_checkpoint = save_then_die\n"
+        f"{main}\n"
+    )
+
+
 def tiny_overrides(tmp_path, *extra):
     """A training config that runs in seconds: random tiny anchor, 1-block encoder."""
     return [

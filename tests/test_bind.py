@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FSDD, REPO
+from conftest import FSDD, REPO, killed_after_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 from test_pen import TES, raw_lines
@@ -43,24 +42,7 @@ KEYS = [
     "final_loss.pen",
 ]
 
-# train/bind.py that kills itself with SIGKILL once the checkpoint of step KILL_AT is complete.
-KILLED_AFTER_CHECKPOINT = textwrap.dedent(
-    """
-    import os, signal, sys
-    import imagebind_lite.training.loop as loop
-    from imagebind_lite.cli import bind_main
-
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, step, *rest):
-        save(accelerator, run_dir, step, *rest)
-        if step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    loop.save_checkpoint = save_then_die
-    bind_main(sys.argv[1:])
-    """
-)
+KILLED_AFTER_CHECKPOINT = killed_after_checkpoint("bind_main(sys.argv[1:])")
 
 
 def tiny(out, *extra, steps=40, batch=64):

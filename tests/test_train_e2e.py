@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from conftest import FSDD, REPO, tiny_overrides
+from conftest import FSDD, REPO, killed_after_checkpoint, tiny_overrides
 from safetensors.torch import load_file
 
 from imagebind_lite import BoundModel
@@ -33,25 +32,7 @@ from imagebind_lite.train import (
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-# ``train/align_audio.py`` that kills itself with SIGKILL as soon as the checkpoint of step
-# ``KILL_AT`` is complete: an interruption at a known step, whatever the machine's speed.
-KILLED_AFTER_CHECKPOINT = textwrap.dedent(
-    """
-    import os, signal, sys
-    import imagebind_lite.training.loop as loop
-    from imagebind_lite.cli import train_main
-
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, step, *rest):
-        save(accelerator, run_dir, step, *rest)
-        if step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    loop.save_checkpoint = save_then_die
-    train_main("audio.yaml", sys.argv[1:])
-    """
-)
+KILLED_AFTER_CHECKPOINT = killed_after_checkpoint('train_main("audio.yaml", sys.argv[1:])')
 
 
 def depth_overrides(tmp_path, *extra):
