@@ -38,6 +38,6 @@ setup(
         "video": ["av"],  # train/prepare_videos.py
         "nyud": ["h5py", "scipy"],  # train/prepare_nyud.py reads the official .mat files
         "sunrgbd": ["scipy"],  # the toolbox's allsplit.mat
-        "dev": ["pytest", "ruff", "matplotlib", "av", "h5py", "scipy"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "matplotlib", "av", "h5py", "scipy"],
     },
 )

@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,19 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
 FSDD = REPO / "imagebind_lite" / "assets" / "avmnist" / "audio"
 
-# Tests share two CPU cores: keep torch from oversubscribing them.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests share two CPU cores: keep torch from oversubscribing them (one thread per worker when
+# pytest-xdist runs two workers side by side).
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 SLOW = bool(os.environ.get("IMAGEBIND_LITE_SLOW_TESTS"))
+
+
+def free_port() -> int:
+    """A free local TCP port: tests run in parallel, and two launches on accelerate's default
+    port 29500 would join each other's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):

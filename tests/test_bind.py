@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FSDD, REPO, killed_after_checkpoint
+from conftest import FSDD, REPO, free_port, killed_after_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 from test_pen import TES, raw_lines
@@ -76,7 +76,8 @@ def run(args, timeout=600, **env):
 
 
 def launch(*args, processes=1):
-    multi = ["--multi_gpu", "--num_machines", "1"] if processes > 1 else []
+    multi = ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(free_port())]
+    multi = multi if processes > 1 else []
     head = ["-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes)]
     head += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     return run([*head, *args])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, free_port, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 from imagebind_lite.anchor import Anchor
@@ -219,6 +219,8 @@ def test_two_processes_split_the_shards(tmp_path, scenes_cache, anchor_file):
         "-m",
         "accelerate.commands.launch",
         "--multi_gpu",
+        "--main_process_port",
+        str(free_port()),
         "--num_processes",
         "2",
         "--num_machines",

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TEST_DATA
+from conftest import REPO, TEST_DATA, free_port
 from PIL import Image
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -226,7 +225,7 @@ COMMANDS = {
         extra=FT, rewrite={"/tmp/ft_lora/": "ft_lora/"}, expect="ft_lora/lora.safetensors"
     ),
     # ---- the test suite itself: collected only (running it here would recurse)
-    "python -m pytest -q": Run({"tests": "tests_dir"}, "--collect-only tests/test_config.py"),
+    "python -m pytest -q -n 2": Run({"tests": "tests_dir"}, "--collect-only tests/test_config.py"),
     # ---- docs/evaluation.md
     "python train/align_audio.py": Run(extra=AUDIO, expect="runs/audio-avmnist/model"),
     "python eval/retrieval.py --checkpoint runs/audio-avmnist": Run(
@@ -655,12 +654,6 @@ def anchor_cache(tmp_path_factory, avmnist):
 # ----------------------------------------------------------------------------- running them
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", list(COMMANDS), ids=lambda c: normalise(c)[:80])
 def test_documented_command_runs(command, tmp_path, request):
     spec = COMMANDS[command]
@@ -711,4 +704,7 @@ def test_documented_command_runs(command, tmp_path, request):
 def sh_line(command: str) -> str:
     py = shlex.quote(sys.executable)
     command = re.sub(r"^python ", f"{py} ", command)
-    return re.sub(r"^accelerate launch ", f"{py} -m accelerate.commands.launch ", command)
+    launch = f"{py} -m accelerate.commands.launch "
+    if "--multi_gpu" in command and "--main_process_port" not in command:
+        launch += f"--main_process_port {free_port()} "  # xdist workers launch side by side
+    return re.sub(r"^accelerate launch ", launch, command)

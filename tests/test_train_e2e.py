@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from conftest import FSDD, REPO, killed_after_checkpoint, tiny_overrides
+from conftest import FSDD, REPO, free_port, killed_after_checkpoint, tiny_overrides
 from safetensors.torch import load_file
 
 from imagebind_lite import BoundModel
@@ -141,7 +141,8 @@ def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
 
 
 def _launch(args, tmp_path, **kw):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    port = ["--main_process_port", str(free_port())] if "--multi_gpu" in args else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *port, *args]
     return subprocess.Popen(
         cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
     )
