@@ -46,6 +46,7 @@ from .data.datasets import DatasetBundle, collate, dataset_modalities, get_datas
 from .evaluation import prompts
 from .evaluation.metrics import class_retrieval
 from .evaluation.zero_shot import embed_dataset
+from .models.anchor_init import init_architecture, setup_encoder
 from .models.build import build_encoder
 from .registry import get_modality
 from .train import (
@@ -326,7 +327,9 @@ class BindTask(Task):
                 {**spec.preprocess, **cfg.data.preprocess},
                 self.temperatures[m],
                 cfg.encoder.grad_checkpointing,
+                architecture=init_architecture(cfg, self.anchor),
             )
+            setup_encoder(encoders[m], cfg, self.anchor)
             objectives[m] = AlignmentObjective(
                 self.anchor, m, self.temperatures[m], 1, cfg.loss.local
             )

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .anchor import Anchor
 from .config import AnchorConfig
 from .files import atomic_dir
+from .lora import lora_layers, merged_state_dict
 from .models.build import build_encoder
 from .registry import import_modality_file, list_modalities
 
@@ -29,11 +30,21 @@ MODEL_FORMAT = "imagebind_lite.encoder/1"
 
 def save_model(encoder: torch.nn.Module, model_config: dict, folder: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors``. ``model_config`` holds ``modality``,
-    ``size``, ``overrides``, ``preprocess``, ``temperature``, ``embed_dim`` and ``anchor``."""
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    ``size``, ``overrides``, ``preprocess``, ``temperature``, ``embed_dim`` and ``anchor``.
+
+    An encoder laid out as the anchor's tower (``encoder.init=anchor``) records its
+    ``architecture``, so it loads without the anchor; LoRA adapters (``encoder.trainable=lora``)
+    are merged into the saved weights (the encoder itself is left as it is)."""
+    adapters = list(lora_layers(encoder).values())
+    state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(encoder).items()}
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
         config = {"format": MODEL_FORMAT, **model_config}
+        if getattr(encoder, "architecture", None):
+            config["architecture"] = encoder.architecture
+        if adapters:
+            rank, alpha = adapters[0].rank, adapters[0].alpha
+            config["lora"] = {"layers": len(adapters), "rank": rank, "alpha": alpha, "merged": True}
         source = model_config.get("modality_file")
         if source and str(source).endswith(".py") and Path(source).is_file():
             # A user's modality travels with the model, so the folder loads anywhere.
@@ -84,6 +95,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", trust_cod
         overrides=config.get("overrides"),
         preprocess=config.get("preprocess"),
         temperature=config.get("temperature"),
+        architecture=config.get("architecture"),
     )
     missing, unexpected = encoder.load_state_dict(load_file(str(weights_path)), strict=False)
     if missing or unexpected:

@@ -45,6 +45,14 @@ class EncoderConfig:
     temperature: float | None = None  # default: the modality's fixed temperature
     grad_checkpointing: bool = False
     compile: bool = False
+    # random, or anchor: start from the anchor's image tower (an open_clip ViT), which then
+    # fixes the architecture (overrides: drop_path only); image-shaped modalities only.
+    init: str = "random"
+    # all (full fine-tuning), lens (frozen trunk; stem and head train), lora (lens plus LoRA
+    # adapters of lora_rank/lora_alpha on the trunk, merged when saved) or head (head only).
+    trainable: str = "all"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
 
 @dataclass

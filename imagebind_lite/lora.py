@@ -132,3 +132,20 @@ def merge_lora(model: nn.Module) -> list[str]:
         parent_name, child = _split(name)
         setattr(model.get_submodule(parent_name), child, layer.merge())
     return list(layers)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as it would be after ``merge_lora``, without changing the model:
+    each adapted layer's ``weight`` with its update folded in (in float32, stored in its dtype)
+    and the plain ``nn.Linear`` keys, no ``lora_A``/``lora_B``/``base``."""
+    state = model.state_dict()
+    for name, layer in lora_layers(model).items():
+        prefix = f"{name}." if name else ""
+        for key in ("lora_A", "lora_B"):
+            state.pop(prefix + key)
+        weight = state.pop(prefix + "base.weight")
+        state[prefix + "weight"] = (weight.float() + layer.delta().float()).to(weight.dtype)
+        if prefix + "base.bias" in state:
+            state[prefix + "bias"] = state.pop(prefix + "base.bias")
+    return state

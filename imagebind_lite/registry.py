@@ -125,6 +125,10 @@ class ModalitySpec:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     # Its place in ImageBind's checkpoints (None: ImageBind has no such encoder).
     imagebind: ImageBindBranch | None = None
+    # options -> (channels, height, width) of one sample, when it is an image that a ViT
+    # patchifies (an fbank, a depth map): ``encoder.init=anchor`` then starts the encoder from
+    # the anchor's image tower. None: not image-shaped (a time series), and it refuses.
+    image_shape: Callable[[dict[str, Any]], tuple[int, int, int]] | None = None
 
     def __post_init__(self):
         if self.anchor_tower is not None:

@@ -27,6 +27,7 @@ from .data.datasets import DatasetBundle, collate, get_dataset_builder
 from .evaluation import prompts
 from .evaluation.zero_shot import embed_dataset, retrieval_metrics, zero_shot_classification
 from .loss import info_nce
+from .models.anchor_init import check_encoder_options, init_architecture, setup_encoder
 from .models.build import build_encoder, resolve_size
 from .registry import get_modality, import_modality_file
 from .training.loop import (
@@ -101,6 +102,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
         raise ConfigError(f"data.root: folder not found: {cfg.data.root}")
     validate_anchor_config(cfg.anchor)
+    check_encoder_options(cfg)
 
 
 def resolve_run_dir(cfg: TrainConfig, resume: str | bool | None) -> tuple[Path, Path | None]:
@@ -141,6 +143,8 @@ def model_config(cfg: TrainConfig, anchor: Anchor, temperature: float) -> dict:
         "modality_file": cfg.modality_file,
         "size": cfg.encoder.size,
         "overrides": cfg.encoder.overrides,
+        "init": cfg.encoder.init,
+        "trainable": cfg.encoder.trainable,
         "preprocess": {**get_modality(cfg.modality).preprocess, **cfg.data.preprocess},
         "temperature": temperature,
         "embed_dim": anchor.embed_dim,
@@ -247,6 +251,7 @@ class AlignmentTask(Task):
     def build(self, accelerator: Accelerator) -> TaskParts:
         cfg, spec = self.cfg, self.spec
         self.anchor = Anchor(cfg.anchor, device=accelerator.device)
+        architecture = init_architecture(cfg, self.anchor)  # refused before any data is read
         self.bundle: DatasetBundle = get_dataset_builder(cfg.data.dataset)(cfg, self.anchor, spec)
         if cfg.anchor.cache:
             # Batches then carry "anchor_embedding" (no "vision"): no images, no anchor forward.
@@ -271,7 +276,9 @@ class AlignmentTask(Task):
             {**spec.preprocess, **cfg.data.preprocess},
             self.temperature,
             cfg.encoder.grad_checkpointing,
+            architecture=architecture,
         )
+        setup_encoder(encoder, cfg, self.anchor)
         model = AlignmentModule(encoder)
         if cfg.encoder.compile:
             model = torch.compile(model)

@@ -23,6 +23,11 @@ def build_stem(size: dict, options: dict):
     )
 
 
+def image_shape(options: dict) -> tuple[int, int, int]:
+    """One clip as an image: [1, mel bins, frames]."""
+    return (1, int(options["num_mel_bins"]), int(options["target_length"]))
+
+
 def load(path, **options):
     wav, sample_rate = audio_data.read_audio(path)
     return audio_data.waveform_to_clips(wav, sample_rate, options)
@@ -116,6 +121,7 @@ register_modality(
         description="kaldi log-mel fbank clips, ImageBind recipe",
         extensions=AUDIO_EXTS,
         load_source=load_source,
+        image_shape=image_shape,
         imagebind=ImageBindBranch(
             stem="rgbt_stem",
             heads=12,

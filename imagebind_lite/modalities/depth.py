@@ -27,6 +27,12 @@ def build_image_stem(size: dict, options: dict) -> PatchStem:
     )
 
 
+def image_shape(options: dict) -> tuple[int, int, int]:
+    """The square image the stem reads: [in_chans, image_size, image_size]."""
+    size = int(options["image_size"])
+    return (int(options.get("in_chans", 1)), size, size)
+
+
 def read_aligned(sources: dict, meta: dict, options: dict):
     """A record's depth map (registered to its RGB frame) -> (disparity [1,H,W], valid mask),
     with the record's own ``fx``, ``baseline`` and bit ``layout`` overriding the options and
@@ -95,6 +101,7 @@ register_modality(
         stats_options=depth_data.conversion_options,
         # The scenes' metric depth as the encoder sees it: disparity.
         scene_input=lambda scenes: scenes_data.depth_to_disparity(scenes["depth"]),
+        image_shape=image_shape,
         imagebind=ImageBindBranch(
             stem="depth_stem",
             heads=8,

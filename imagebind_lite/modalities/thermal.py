@@ -4,7 +4,7 @@ from ..data import thermal as thermal_data
 from ..data.transforms import sensor_normaliser
 from ..models.encoder import PatchStem
 from ..registry import ImageBindBranch, ModalitySpec, register_modality
-from .depth import AUGMENT_DEFAULTS, build_image_stem, image_stem_from_weights
+from .depth import AUGMENT_DEFAULTS, build_image_stem, image_shape, image_stem_from_weights
 
 NAME = "thermal"
 
@@ -34,6 +34,7 @@ register_modality(
         normaliser=lambda options: sensor_normaliser(NAME, options),
         stats_options=thermal_data.conversion_options,
         scene_input=lambda scenes: scenes["thermal"],
+        image_shape=image_shape,
         imagebind=ImageBindBranch(
             stem="rgbt_stem",
             heads=12,

@@ -29,6 +29,13 @@ class EncoderShape:
     add_bias_kv: bool = True
     head_dropout: float = 0.0
     grad_checkpointing: bool = False
+    # An open_clip tower's layout (``encoder.init=anchor``, ``models/anchor_init.py``): its
+    # LayerNorm eps, MLP activation and hidden width, and a LayerNorm over all tokens after the
+    # positional embedding (open_clip's ``ln_pre``) in place of the stem's own.
+    norm_eps: float = 1e-6
+    act: str = "gelu"
+    mlp_width: int | None = None
+    ln_pre: bool = False
 
 
 def patch_tokens(size, kernel, stride) -> int:
@@ -38,7 +45,9 @@ def patch_tokens(size, kernel, stride) -> int:
 
 
 class PatchStem(nn.Module):
-    """Conv2d patchifier (bias-free, as ImageBind's RGBT/depth stems) followed by LayerNorm."""
+    """Conv2d patchifier (bias-free, as ImageBind's RGBT/depth stems) followed by LayerNorm
+    (``norm=False``: none, as open_clip's ``conv1``, whose tower normalises after the positional
+    embedding instead)."""
 
     def __init__(
         self,
@@ -47,6 +56,7 @@ class PatchStem(nn.Module):
         input_size: tuple[int, int],
         kernel: int | tuple[int, int],
         stride: int | tuple[int, int],
+        norm: bool = True,
     ):
         super().__init__()
         kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
@@ -58,7 +68,7 @@ class PatchStem(nn.Module):
             raise ValueError(f"input {self.input_size} is smaller than the patch kernel {kernel}")
         self.num_tokens = self.grid[0] * self.grid[1]
         self.proj = nn.Conv2d(in_chans, width, kernel_size=kernel, stride=stride, bias=False)
-        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.norm = nn.LayerNorm(width, eps=1e-5) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (self.in_chans, *self.input_size):
@@ -161,8 +171,13 @@ class ModalityEncoder(nn.Module):
             shape.drop_path,
             shape.add_bias_kv,
             shape.grad_checkpointing,
+            shape.norm_eps,
+            shape.act,
+            shape.mlp_width,
         )
-        self.head_norm = nn.LayerNorm(width, eps=1e-6)
+        # Identity (no weights, no state-dict keys) unless the layout is an open_clip tower's.
+        self.ln_pre = nn.LayerNorm(width, eps=shape.norm_eps) if shape.ln_pre else nn.Identity()
+        self.head_norm = nn.LayerNorm(width, eps=shape.norm_eps)
         self.head_dropout = nn.Dropout(shape.head_dropout)
         self.head = nn.Linear(width, shape.embed_dim, bias=False)
         # A saved buffer, not a parameter: the scale is fixed, as in ImageBind.
@@ -177,9 +192,30 @@ class ModalityEncoder(nn.Module):
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.stem(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
+        tokens = self.ln_pre(torch.cat([cls, tokens], dim=1) + self.pos_embed)
         tokens = self.trunk(tokens)
         return self.head(self.head_dropout(self.head_norm(tokens[:, 0])))
+
+    def parameter_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The named parameters by part: ``trunk`` (the transformer blocks), ``head`` (the final
+        LayerNorm and the projection into the anchor's space) and ``stem`` (everything before
+        the trunk: patch embedding, CLS token, positional embedding, ``ln_pre``)."""
+        parts: dict[str, list] = {"stem": [], "trunk": [], "head": []}
+        for name, param in self.named_parameters():
+            module = name.split(".", 1)[0]
+            part = {"trunk": "trunk", "head_norm": "head", "head": "head"}.get(module, "stem")
+            parts[part].append((name, param))
+        return parts
+
+    def train(self, mode: bool = True):
+        # A frozen BatchNorm (encoder.trainable leaves its stem out) keeps its running
+        # statistics: frozen parts stay exactly as they were.
+        super().train(mode)
+        for module in self.modules():
+            params = list(module.parameters()) if isinstance(module, BATCH_NORMS) else []
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         clips = None
@@ -199,6 +235,9 @@ class ModalityEncoder(nn.Module):
             if not self.imagebind_scaling:
                 emb = F.normalize(emb, dim=-1)
         return emb
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -61,8 +61,21 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the activation OpenAI's CLIP towers were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP activations a trunk can use (``EncoderShape.act``).
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Block(nn.Module):
-    """``x + drop_path(attn(LN(x)))``, then the same with the MLP; LN eps 1e-6, exact GELU."""
+    """``x + drop_path(attn(LN(x)))``, then the same with the MLP; by default LN eps 1e-6 and
+    exact GELU (ImageBind); an open_clip tower's block is the same with eps 1e-5
+    (``models/anchor_init.py`` maps one onto the other)."""
 
     def __init__(
         self,
@@ -71,12 +84,16 @@ class Block(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         add_bias_kv: bool = False,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        mlp_width: int | None = None,
     ):
         super().__init__()
-        self.norm_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, add_bias_kv=add_bias_kv)
-        self.norm_2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm_2 = nn.LayerNorm(dim, eps=norm_eps)
+        hidden = mlp_width or int(dim * mlp_ratio)
+        self.mlp = Mlp(dim, hidden, act_layer=ACTIVATIONS[act])
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +111,16 @@ class Trunk(nn.Module):
         drop_path: float = 0.0,
         add_bias_kv: bool = False,
         grad_checkpointing: bool = False,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        mlp_width: int | None = None,
     ):
         super().__init__()
         # Drop path rises linearly from 0 to the given rate over the depth (ImageBind, timm).
         rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, rate, add_bias_kv) for rate in rates
+            Block(dim, num_heads, mlp_ratio, rate, add_bias_kv, norm_eps, act, mlp_width)
+            for rate in rates
         )
         self.grad_checkpointing = grad_checkpointing
 
