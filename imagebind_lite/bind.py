@@ -43,7 +43,6 @@ from .config import (
     shipped_config,
 )
 from .data.datasets import DatasetBundle, collate, dataset_modalities, get_dataset_builder
-from .evaluation import prompts
 from .evaluation.metrics import class_retrieval
 from .evaluation.zero_shot import embed_dataset
 from .models.anchor_init import init_architecture, setup_encoder
@@ -55,6 +54,7 @@ from .train import (
     evaluate,
     model_config,
     resolve_run_folder,
+    templates_for,
     validate_config,
 )
 from .training.loop import (
@@ -401,12 +401,6 @@ def _data(cfg: TrainConfig) -> dict:
     return {**config_to_dict(cfg.data), "seed": cfg.seed}
 
 
-def _templates(cfg: TrainConfig, bundle: DatasetBundle):
-    if cfg.eval.templates == "default":
-        return bundle.templates
-    return prompts.get_templates(cfg.eval.templates)
-
-
 # ------------------------------------------------------------------------- evaluation
 
 
@@ -426,7 +420,7 @@ def evaluate_space(encoders, anchor, bundles, cfgs, pairs, batch_size, device) -
     emergent retrieval between each pair of held-out sets."""
     metrics, emb, labels = {}, {}, {}
     for m, encoder in encoders.items():
-        templates = _templates(cfgs[m], bundles[m])
+        templates = templates_for(cfgs[m], bundles[m])
         result = evaluate(encoder, anchor, bundles[m], m, batch_size, device, templates=templates)
         metrics.update({f"{k}.{m}": v for k, v in result.items()})
     for m in {x for pair in pairs for x in pair}:

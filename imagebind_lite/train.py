@@ -301,7 +301,7 @@ class AlignmentTask(Task):
     def evaluate(self, run: Run) -> dict:
         if not run.accelerator.is_main_process:
             return {}
-        cfg, templates = self.cfg, _templates(self.cfg, self.bundle)
+        cfg, templates = self.cfg, templates_for(self.cfg, self.bundle)
         device = run.accelerator.device
         return evaluate(
             self.encoder(run),
@@ -357,7 +357,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, quiet: bool = Fals
 # ------------------------------------------------------------------------- evaluation
 
 
-def _templates(cfg: TrainConfig, bundle: DatasetBundle):
+def templates_for(cfg: TrainConfig, bundle: DatasetBundle):
+    """The prompt templates of ``cfg.eval.templates`` (``default``: the dataset's own)."""
     if cfg.eval.templates == "default":
         return bundle.templates
     return prompts.get_templates(cfg.eval.templates)

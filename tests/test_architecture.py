@@ -40,7 +40,7 @@ LAYERS = [
     # The one training loop; the tasks on it (train, anchor_finetune) sit above evaluation.
     ("loop", ["training."]),
     ("evaluation / interop / cache", ["evaluation.", "interop.", "cache", "bound"]),
-    ("tasks", ["train", "anchor_finetune", "bind"]),
+    ("tasks", ["train", "anchor_finetune", "bind", "ceiling"]),
     # The package's namespace (importing it registers the built-ins) and the command line.
     ("scripts", ["cli", ""]),
 ]
