@@ -253,6 +253,17 @@ class BindObjective(Objective):
     def scalars(self) -> dict:
         return {f"loss.{m}": v[-1] for m, v in self.losses.items() if v}
 
+    def step_samples(self, global_batch: int) -> int:
+        return self.global_batch[self.current]
+
+    def state(self) -> dict:
+        # A resumed run's losses.json and per-modality throughput then cover every step.
+        return {"losses": self.losses, "samples": self.samples, "seconds": self.seconds}
+
+    def load_state(self, state: dict) -> None:
+        for name in ("losses", "samples", "seconds"):
+            getattr(self, name).update(state.get(name, {}))
+
 
 # ------------------------------------------------------------------------- the task
 

@@ -226,6 +226,15 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
         a = load_file(str(tmp_path / f"a/bind-audio-pen/model/{m}/model.safetensors"))
         b = load_file(str(run_dir / f"model/{m}/model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m
+    # The resumed run's record covers the steps before the kill too, and per-modality counts.
+    before = json.loads((tmp_path / "a/bind-audio-pen/losses.json").read_text())
+    after = json.loads((run_dir / "losses.json").read_text())
+    assert after == before and sum(map(len, after.values())) == 8
+    a, b = (
+        json.loads((p / "metrics.json").read_text())
+        for p in (tmp_path / "a/bind-audio-pen", run_dir)
+    )
+    assert [a[f"steps.{m}"] for m in after] == [b[f"steps.{m}"] for m in after]
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,17 @@ class Objective:
         """More ``train/*`` scalars for the tracker (e.g. a loss per modality)."""
         return {}
 
+    def step_samples(self, global_batch: int) -> int:
+        """Samples the last step trained on, over all processes (default: the loop's batch)."""
+        return global_batch
+
+    def state(self) -> dict:
+        """What the objective records across steps (JSON), saved with each checkpoint."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state` on resume."""
+
 
 @dataclass
 class TaskParts:
@@ -312,7 +323,7 @@ def advance(run: Run, seed: int, batch) -> None:
     run.loss = train_step(run.ctx, batch)
     run.scheduler.step()
     run.step += 1
-    run.trained_samples += run.global_batch
+    run.trained_samples += run.ctx.objective.step_samples(run.global_batch)
     if isinstance(batch, dict):
         run.skipped.update(batch.get("skipped", {}))
 
@@ -330,7 +341,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, skipped: Counter, keep: int) -> None:
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, skipped: Counter, keep: int, objective: dict = None
+) -> None:
     folder = run_dir / "checkpoints" / f"step_{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
     # Every process writes its own RNG state into the same folder; the main one finalises it.
@@ -340,7 +353,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, skipped: Counter, kee
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "skipped": dict(skipped)}))
+        state = {"step": step, "skipped": dict(skipped), "objective": objective or {}}
+        (tmp / "state.json").write_text(json.dumps(state))
         with atomic_dir(folder) as final_tmp:
             final_tmp.rmdir()
             os.replace(tmp, final_tmp)
@@ -355,13 +369,17 @@ def load_checkpoint(run: Run, folder: Path) -> None:
     run.accelerator.load_state(str(folder))
     state = json.loads((Path(folder) / "state.json").read_text())
     run.step, run.skipped = state["step"], Counter(state.get("skipped", {}))
+    run.ctx.objective.load_state(state.get("objective", {}))
 
 
 def maybe_checkpoint(s: LoopSettings, run: Run) -> None:
     if s.run_dir is None or not s.checkpoint_every:
         return
     if run.step % s.checkpoint_every == 0 or run.step == run.total_steps:
-        save_checkpoint(run.accelerator, s.run_dir, run.step, run.skipped, s.keep_checkpoints)
+        objective = run.ctx.objective.state()
+        save_checkpoint(
+            run.accelerator, s.run_dir, run.step, run.skipped, s.keep_checkpoints, objective
+        )
 
 
 # ------------------------------------------------------------------------- logging
