@@ -1,0 +1,209 @@
+"""Every recipe switch on every embedded benchmark, beside the supervised ceiling.
+
+    python bench/recipes.py [--benchmarks audio,pen,depth,thermal] [--recipes imagebind,siglip,...]
+                            [--epochs-scale 1.0] [--out docs/recipes.md]
+
+A benchmark is a shipped config (audio: FSDD digits against the digit anchor, unseen speakers;
+pen: pendigits, unseen writers; depth and thermal: the synthetic scenes). A recipe is a list of
+overrides on it; every recipe of a benchmark gets the same data, steps and seed (the budget:
+the config's epochs, times ``--epochs-scale``). ``imagebind`` is the config as shipped, the
+encoder from scratch with InfoNCE, as ImageBind trains. The ceiling is ``eval/ceiling.py`` on
+the same config and budget. A recipe a benchmark cannot take (the anchor's image tower for a
+1-D modality) is listed with its one-line refusal. Each run is its own process, so the peak
+memory is that run's (max RSS; the CUDA peak on a GPU).
+
+Writes the table to ``--out`` and the results to ``--json`` (default: ``--out`` with .json);
+the last stdout line is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
+
+from imagebind_lite.cli import one_line, one_line_errors  # noqa: E402
+from imagebind_lite.files import atomic_write_json, atomic_write_text  # noqa: E402
+
+BENCHMARKS = {"audio": "audio.yaml", "pen": "pen.yaml", "depth": "depth.yaml"}
+BENCHMARKS["thermal"] = "thermal.yaml"
+RECIPES = {
+    "imagebind": [],
+    "siglip": ["loss.kind=siglip"],
+    "patch_dropout": ["encoder.patch_dropout=0.5"],
+    "anchor_init": ["encoder.init=anchor"],
+    "anchor_lens": ["encoder.init=anchor", "encoder.trainable=lens"],
+    "anchor_lora": ["encoder.init=anchor", "encoder.trainable=lora"],
+    "anchor_head": ["encoder.init=anchor", "encoder.trainable=head"],
+}
+CEILING = "ceiling"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS))
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--epochs-scale", type=float, default=1.0, help="budget: x the epochs")
+    p.add_argument("--max-steps", type=int, help="cap every run (smoke tests)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an override for every run (repeatable)")  # fmt: skip
+    p.add_argument("--out", default="docs/recipes.md")
+    p.add_argument("--json", help="default: --out with .json")
+    p.add_argument("--one", nargs=2, metavar=("BENCHMARK", "RECIPE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.benchmarks, args.recipes = args.benchmarks.split(","), args.recipes.split(",")
+    for name in args.benchmarks:
+        if name not in BENCHMARKS:
+            p.error(f"--benchmarks: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    for name in args.recipes:
+        if name not in RECIPES:
+            p.error(f"--recipes: unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    if args.epochs_scale <= 0:
+        p.error("--epochs-scale must be positive")
+    return args
+
+
+# ------------------------------------------------------------------------- one run (a child)
+
+
+def run_config(benchmark: str, recipe: str, args, out_dir: str):
+    from imagebind_lite.config import load_config, shipped_config
+
+    cfg = load_config(shipped_config(BENCHMARKS[benchmark]), [*RECIPES.get(recipe, []), *args.set])
+    cfg.optim.epochs = max(1, round(cfg.optim.epochs * args.epochs_scale))
+    cfg.optim.warmup_epochs = cfg.optim.warmup_epochs * args.epochs_scale
+    cfg.optim.max_steps = args.max_steps or cfg.optim.max_steps
+    cfg.output_dir, cfg.run_name, cfg.tracker = out_dir, f"{benchmark}-{recipe}", None
+    return cfg
+
+
+def peak_memory_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def one(benchmark: str, recipe: str, args) -> dict:
+    """Train one recipe (or the ceiling) of one benchmark; its figures."""
+    from imagebind_lite.ceiling import ceiling
+    from imagebind_lite.train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = run_config(benchmark, recipe, args, out)
+        if recipe == CEILING:
+            m = ceiling(cfg)
+            top1 = m["supervised_top1"]
+        else:
+            m = train(cfg, quiet=True)
+            top1 = m.get("zero_shot_top1", m.get("retrieval_r1"))
+    return {
+        "benchmark": benchmark,
+        "recipe": recipe,
+        "overrides": RECIPES.get(recipe, []),
+        "top1": top1,
+        "train_seconds": m["train_seconds"],
+        "steps": m["steps"],
+        "peak_memory_mib": peak_memory_mib(),
+    }
+
+
+# ------------------------------------------------------------------------- the sweep (parent)
+
+
+def child(benchmark: str, recipe: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", benchmark, recipe, "--epochs-scale"]
+    cmd += [str(args.epochs_scale), *(f"--set={s}" for s in args.set)]
+    cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if not reason.startswith(("config error:", "error:")):
+        raise RuntimeError(f"{benchmark}/{recipe} failed: {reason}")
+    return {
+        "benchmark": benchmark,
+        "recipe": recipe,
+        "overrides": RECIPES[recipe],
+        "refused": reason,
+    }
+
+
+def sweep(args) -> dict:
+    started, load = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()[0]
+    results = []
+    for benchmark in args.benchmarks:
+        for recipe in [*args.recipes, CEILING]:
+            results.append(child(benchmark, recipe, args))
+            print(json.dumps(results[-1]), flush=True)
+    return {
+        "command": " ".join(["python", "bench/recipes.py", *sys.argv[1:]]),
+        "started": started,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+        "epochs_scale": args.epochs_scale,
+        "results": results,
+    }
+
+
+def table(summary: dict) -> str:
+    rows = ["# Recipes against the supervised ceiling", ""]
+    rows += [f"`{summary['command']}` on {summary['machine']}, {summary['started']} "
+             f"(load {summary['load_before']:.1f} before, {summary['load_after']:.1f} after; "
+             f"budget: the configs' epochs x {summary['epochs_scale']:g}). Held-out top-1 "
+             "(unseen speakers, writers or scenes); the ceiling is `eval/ceiling.py` on the "
+             "same config and budget.", ""]  # fmt: skip
+    by_bench: dict = {}
+    for r in summary["results"]:
+        by_bench.setdefault(r["benchmark"], []).append(r)
+    for bench, runs in by_bench.items():
+        ceil = next((r["top1"] for r in runs if r["recipe"] == CEILING and "top1" in r), None)
+        rows += [f"## {bench}", "", "| recipe | overrides | top-1 | ceiling - top-1 | "
+                 "train s | peak MiB |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in runs:
+            over = " ".join(f"`{o}`" for o in r.get("overrides", [])) or "(as shipped)"
+            if "refused" in r:
+                rows.append(f"| {r['recipe']} | {over} | n/a: {r['refused']} | | | |")
+                continue
+            gap = "" if ceil is None or r["recipe"] == CEILING else f"{ceil - r['top1']:+.3f}"
+            rows.append(
+                f"| {r['recipe']} | {over} | {r['top1']:.3f} | {gap} | "
+                f"{r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} |"
+            )
+        rows.append("")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.one:
+        with one_line_errors():
+            result = one(*args.one, args)
+        print(json.dumps(result))
+        return result
+    summary = sweep(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, table(summary) + "\n")
+    atomic_write_json(Path(args.json or out.with_suffix(".json")), summary)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RuntimeError, OSError) as err:
+        sys.exit(f"error: {one_line(err)}")
