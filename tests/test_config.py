@@ -51,6 +51,8 @@ def test_bad_fields_fail_with_one_line(override, message):
         ("data.root=/no/such/folder", "data.root: folder not found"),
         ("modality_file=/no/such/modality.py", "modality file not found"),
         ("eval.every_epochs=-1", "eval.every_epochs: must be 0"),
+        ("loss.kind=clip", "loss.kind: expected infonce or siglip, got 'clip'"),
+        ("loss.init_scale=0", "loss.init_scale: must be positive"),
     ],
 )
 def test_semantic_errors_before_data(override, message):
@@ -83,3 +85,12 @@ def test_exponent_floats_without_a_dot_are_numbers():
     """README's `optim.lr=1e-3`: PyYAML 1.1 reads it as a string; float fields take it."""
     cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5E-2"])
     assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.05
+
+
+def test_siglip_refuses_loss_local_in_one_line():
+    cfg = load_config(None, ["loss.kind=siglip", "loss.local=true"])
+    with pytest.raises(ConfigError, match="loss.local: siglip always scores") as err:
+        validate_config(cfg)
+    assert "\n" not in str(err.value)
+    validate_config(load_config(None, ["loss.kind=siglip"]))
+    validate_config(load_config(None, ["loss.local=true"]))
