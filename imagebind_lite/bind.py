@@ -331,6 +331,7 @@ class BindTask(Task):
                 {**spec.preprocess, **cfg.data.preprocess},
                 self.temperatures[m],
                 cfg.encoder.grad_checkpointing,
+                patch_dropout=cfg.encoder.patch_dropout,
             )
             objectives[m] = AlignmentObjective(
                 self.anchor, m, self.temperatures[m], 1, cfg.loss.local, cfg.loss.kind

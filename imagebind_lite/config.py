@@ -45,6 +45,9 @@ class EncoderConfig:
     temperature: float | None = None  # default: the modality's fixed temperature
     grad_checkpointing: bool = False
     compile: bool = False
+    # FLIP's patch dropout: in training each sample keeps a random 1 - p of its patch tokens (the
+    # CLS token always); none in evaluation. In [0, 1).
+    patch_dropout: float = 0.0
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .data.datasets import DatasetBundle, collate, get_dataset_builder
 from .evaluation import prompts
 from .evaluation.zero_shot import embed_dataset, retrieval_metrics, zero_shot_classification
 from .loss import SigLIPHead, info_nce
-from .models.build import build_encoder, resolve_size
+from .models.build import build_encoder, resolve_size, stem_tokens
 from .registry import get_modality, import_modality_file
 from .training.loop import (
     CHECKPOINT_RE,
@@ -104,6 +104,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
         raise ConfigError(f"data.root: folder not found: {cfg.data.root}")
     validate_loss(cfg)
+    validate_patch_dropout(cfg)
     validate_anchor_config(cfg.anchor)
 
 
@@ -122,6 +123,26 @@ def validate_loss(cfg: TrainConfig) -> None:
         )
     if cfg.loss.init_scale <= 0:
         raise ConfigError(f"loss.init_scale: must be positive, got {cfg.loss.init_scale}")
+
+
+def validate_patch_dropout(cfg: TrainConfig) -> None:
+    """``encoder.patch_dropout``: a probability in [0, 1) and a stem with tokens to drop."""
+    p = cfg.encoder.patch_dropout
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"encoder.patch_dropout: expected a probability in [0, 1), got {p}")
+    if not p:
+        return
+    spec = get_modality(cfg.modality)
+    preprocess = {**spec.preprocess, **cfg.data.preprocess}
+    try:
+        tokens = stem_tokens(cfg.modality, cfg.encoder.size, cfg.encoder.overrides, preprocess)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"encoder: the {cfg.modality} stem cannot be built: {err}") from None
+    if tokens < 2:
+        raise ConfigError(
+            f"encoder.patch_dropout: the {cfg.modality} encoder at this size makes {tokens} "
+            "token; there are none to drop"
+        )
 
 
 def resolve_run_dir(cfg: TrainConfig, resume: str | bool | None) -> tuple[Path, Path | None]:
@@ -337,6 +358,7 @@ class AlignmentTask(Task):
             {**spec.preprocess, **cfg.data.preprocess},
             self.temperature,
             cfg.encoder.grad_checkpointing,
+            patch_dropout=cfg.encoder.patch_dropout,
         )
         model = AlignmentModule(encoder, loss_head(cfg))
         if cfg.encoder.compile:

@@ -30,8 +30,10 @@ def build_encoder(
     temperature: float | None = None,
     grad_checkpointing: bool = False,
     imagebind_scaling: bool = False,
+    patch_dropout: float = 0.0,
 ) -> ModalityEncoder:
-    """Build the encoder of a registered modality at a named size, projecting to ``embed_dim``."""
+    """Build the encoder of a registered modality at a named size, projecting to ``embed_dim``;
+    ``patch_dropout``: FLIP's token dropping in training (``PatchDropout``)."""
     spec = get_modality(modality)
     if spec.is_anchor or spec.build_stem is None:
         raise ValueError(f"{modality!r} is an anchor modality: its tower comes from the anchor")
@@ -48,6 +50,7 @@ def build_encoder(
         add_bias_kv=spec.add_bias_kv,
         head_dropout=spec.head_dropout,
         grad_checkpointing=grad_checkpointing,
+        patch_dropout=patch_dropout,
     )
     return ModalityEncoder(
         stem,
@@ -56,3 +59,19 @@ def build_encoder(
         sample_ndim=spec.sample_ndim,
         imagebind_scaling=imagebind_scaling,
     )
+
+
+def stem_tokens(
+    modality: str,
+    size: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    preprocess: dict[str, Any] | None = None,
+) -> int:
+    """The tokens the modality's stem makes at a size (CLS not counted), without the trunk."""
+    spec = get_modality(modality)
+    if spec.is_anchor or spec.build_stem is None:
+        raise ValueError(f"{modality!r} is an anchor modality: its tower comes from the anchor")
+    stem = spec.build_stem(
+        resolve_size(modality, size, overrides), {**spec.preprocess, **(preprocess or {})}
+    )
+    return int(getattr(stem, "num_tokens", 0))
