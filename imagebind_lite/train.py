@@ -60,6 +60,7 @@ __all__ = [
     "evaluate",
     "latest_checkpoint",
     "loss_head",
+    "loss_scalars",
     "param_groups",
     "resolve_run_dir",
     "save_checkpoint",
