@@ -7,7 +7,7 @@ The pieces a researcher looks for first:
   the built-in modalities, one file each: ``imagebind_lite/modalities/``
 - the datasets: ``imagebind_lite.data`` (registry: ``data.registry``; shared parts and the
   evaluation mode: ``data.datasets``)
-- the loss: ``imagebind_lite.loss.info_nce``
+- the loss: ``imagebind_lite.loss.info_nce`` and ``siglip`` (its scale and bias: ``SigLIPHead``)
 - the loop: ``imagebind_lite.training.loop`` (``fit``), run by ``imagebind_lite.train.train``
 
 Layers (each imports only from the ones before it; ``tests/test_architecture.py`` checks):

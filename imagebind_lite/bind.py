@@ -3,8 +3,9 @@
 A task on the shared loop (``imagebind_lite/training/loop.py``), the way ImageBind trains: each
 step takes ONE modality's pairs with the anchor (drawn from (seed, step) by the configured
 weights, or round-robin, so every process picks the same modality and a resume is exact), with
-that modality's own batch size, augmentation, encoder, temperature and learning rate; one AdamW
-over all the encoders; InfoNCE over that modality's global batch across processes.
+that modality's own batch size, augmentation, encoder, temperature, loss (``loss.kind``: InfoNCE
+or SigLIP, whose scale and bias are the modality's own) and learning rate; one AdamW over all
+the encoders; the loss over that modality's global batch across processes.
 
 It reuses alignment's pieces (``imagebind_lite/train.py``): each modality is a TrainConfig
 (its shipped config under the bind config's entry), checked by ``validate_config``, its data
@@ -52,6 +53,8 @@ from .train import (
     AlignmentModule,
     AlignmentObjective,
     evaluate,
+    loss_head,
+    loss_scalars,
     model_config,
     resolve_run_folder,
     templates_for,
@@ -208,16 +211,18 @@ class StepBatches(Dataset):
 
 
 class BindModule(torch.nn.Module):
-    """What Accelerate wraps: one encoder per modality; ``forward(x, modality)``."""
+    """What Accelerate wraps: one ``AlignmentModule`` per modality (its encoder and its loss
+    head, if its loss has one); ``forward(x, modality, ...)`` is that modality's forward."""
 
-    def __init__(self, encoders: dict[str, torch.nn.Module]):
+    def __init__(self, encoders: dict[str, torch.nn.Module], heads: dict | None = None):
         super().__init__()
+        heads = heads or {}
         self.encoders = torch.nn.ModuleDict(
-            {name: AlignmentModule(e) for name, e in encoders.items()}
+            {name: AlignmentModule(e, heads.get(name)) for name, e in encoders.items()}
         )
 
-    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        return self.encoders[modality](x)
+    def forward(self, x: torch.Tensor, modality: str, **kwargs) -> torch.Tensor:
+        return self.encoders[modality](x, **kwargs)
 
 
 @dataclasses.dataclass
@@ -339,12 +344,13 @@ class BindTask(Task):
                 self.temperatures[m],
                 cfg.encoder.grad_checkpointing,
                 architecture=init_architecture(cfg, self.anchor),
+                patch_dropout=cfg.encoder.patch_dropout,
             )
             setup_encoder(encoders[m], cfg, self.anchor)
             objectives[m] = AlignmentObjective(
-                self.anchor, m, self.temperatures[m], 1, cfg.loss.local
+                self.anchor, m, self.temperatures[m], 1, cfg.loss.local, cfg.loss.kind
             )
-        model = BindModule(encoders)
+        model = BindModule(encoders, {m: loss_head(cfg) for m, cfg in self.cfgs.items()})
         for m, cfg in self.cfgs.items():
             # Each encoder its own learning rate and weight decay, in one AdamW.
             for group in param_groups(model.encoders[m], cfg.optim.weight_decay):
@@ -404,6 +410,9 @@ class BindTask(Task):
             out[f"samples_per_second.{m}"] = objective.samples[m] / seconds if seconds else 0.0
             losses = objective.losses[m]
             out[f"final_loss.{m}"] = losses[-1] if losses else float("nan")
+            out[f"loss_kind.{m}"] = self.cfgs[m].loss.kind
+            module = run.accelerator.unwrap_model(run.model).encoders[m]
+            out.update({f"{k}.{m}": v for k, v in loss_scalars(module).items()})
         return out
 
 

@@ -53,6 +53,9 @@ class EncoderConfig:
     trainable: str = "all"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    # FLIP's patch dropout: in training each sample keeps a random 1 - p of its patch tokens (the
+    # CLS token always); none in evaluation. In [0, 1).
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -80,9 +83,16 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    # infonce: symmetric InfoNCE at the fixed temperature (encoder.temperature); siglip: SigLIP's
+    # pairwise sigmoid loss with a learnable scale and bias of its own (docs/scale.md).
+    kind: str = "infonce"
     # open_clip's local loss: each process scores its own rows against the global batch, so
-    # logit memory grows linearly with it; the gradients are the same (docs/scale.md).
+    # logit memory grows linearly with it; the gradients are the same (docs/scale.md). InfoNCE
+    # only: siglip always is.
     local: bool = False
+    # siglip: the initial multiplier of the logits (the parameter is its log) and bias.
+    init_scale: float = 10.0
+    init_bias: float = -10.0
 
 
 @dataclass

@@ -12,15 +12,20 @@ gradient of the single-process loss on the whole global batch. ``local=True`` (o
 loss): each process scores only its own rows against the global batch ([n, N] logits, memory
 linear in the global batch); the mean of the processes' losses is the global loss and the
 averaged gradients are again exactly its gradients. SigLIP's pairs are independent, so each
-process always scores its own rows against every anchor embedding. tests/test_loss.py checks
-2 processes against 1 for each.
+process always scores its own rows against every anchor embedding (it is local by nature), and
+its learnable scale and bias live in ``SigLIPHead``, a module of the prepared model, so that
+data parallelism averages their gradients like the encoder's. tests/test_loss.py checks 2
+processes against 1 for each.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 
 def _distributed() -> bool:
@@ -62,7 +67,7 @@ def _check_equal_batches(tensor: torch.Tensor) -> None:
     dist.all_gather(sizes, size)
     if len({int(s) for s in sizes}) != 1:
         raise RuntimeError(
-            "InfoNCE across processes needs equal per-process batches, got "
+            "a contrastive loss across processes needs equal per-process batches, got "
             f"{[int(s) for s in sizes]} (use drop_last / even batches)"
         )
 
@@ -131,18 +136,69 @@ def siglip(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     gather: bool = True,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss: every (modality i, anchor j) pair is a binary problem, positive
     when i == j, with logits ``exp(logit_scale) * cos + logit_bias`` (both learnable). Summed
     over the global batch's anchors and averaged over this process's rows; the mean over
-    processes is the loss of the global batch."""
-    modality_emb, anchor_emb = _normalised_pair(modality_emb, anchor_emb)
-    n = modality_emb.shape[0]
+    processes is the loss of the global batch.
+
+    ``rows=(start, stop)``: ``modality_emb`` holds only rows ``start:stop`` of this process's
+    batch (one micro-batch of an accumulated step) and ``anchor_emb`` the whole batch; the
+    result is their share (their sum divided by the whole batch's rows). A row's pairs involve
+    no other row's embedding, so the shares of the micro-batches add up to the batch's loss and
+    their gradients to its gradients."""
+    n = anchor_emb.shape[0]
+    start, stop = rows if rows is not None else (0, n)
+    if rows is None:
+        modality_emb, anchor_emb = _normalised_pair(modality_emb, anchor_emb)
+    else:
+        if (
+            modality_emb.shape != (stop - start, *anchor_emb.shape[1:])
+            or not 0 <= start <= stop <= n
+        ):
+            raise ValueError(
+                f"rows {start}:{stop} of a batch of {n} do not fit modality embeddings of "
+                f"shape {list(modality_emb.shape)}"
+            )
+        modality_emb = F.normalize(modality_emb.float(), dim=-1)
+        anchor_emb = F.normalize(anchor_emb.float(), dim=-1)
     if gather and _distributed():
-        _check_equal_batches(modality_emb)  # the positives' columns assume equal batches
+        _check_equal_batches(anchor_emb)  # the positives' columns assume equal batches
         anchor_emb = gather_frozen(anchor_emb)
     logits = modality_emb @ anchor_emb.T * logit_scale.exp() + logit_bias
     signs = -torch.ones_like(logits)
-    first = _rank() * n if gather else 0
-    signs[torch.arange(n), torch.arange(first, first + n)] = 1.0  # this process's positives
+    first = (_rank() * n if gather else 0) + start
+    mine = torch.arange(stop - start, device=logits.device)
+    signs[mine, mine + first] = 1.0  # this process's positives
     return -F.logsigmoid(signs * logits).sum() / n
+
+
+class SigLIPHead(nn.Module):
+    """SigLIP's learnable logit scale (the log of the logits' multiplier) and bias, and its loss.
+
+    A module so that they live in the module the run prepares (``AlignmentModule``): trained by
+    the run's one AdamW (no weight decay: they are scalars), saved in its checkpoints, and their
+    gradients averaged over processes like the encoder's, because the loss is computed in the
+    prepared module's forward (DDP's unused-parameter search sees them). Initialised as the
+    SigLIP paper: scale 10 (``logit_scale = log 10``), bias -10.
+    """
+
+    def __init__(self, init_scale: float = 10.0, init_bias: float = -10.0):
+        super().__init__()
+        if init_scale <= 0:
+            raise ValueError(
+                f"init_scale: the logits' multiplier must be positive, got {init_scale}"
+            )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(self, modality_emb, anchor_emb, rows: tuple[int, int] | None = None):
+        return siglip(modality_emb, anchor_emb, self.logit_scale, self.logit_bias, rows=rows)
+
+    def scalars(self) -> dict:
+        """The learnt values, as the run's metrics record them."""
+        return {
+            "siglip_scale": float(self.logit_scale.detach().exp()),
+            "siglip_bias": float(self.logit_bias.detach()),
+        }

@@ -4,8 +4,9 @@ A task on the shared loop (``imagebind_lite/training/loop.py``, which owns the A
 AdamW, the warm-up/cosine schedule, checkpoint/resume and the epochs). This module supplies what
 is particular to alignment: the config checks and the run folder (config.yaml, checkpoints/,
 logs/, model/, metrics.json), the build (anchor -> data -> encoder), the objective (anchor
-embeddings without gradients, encoder embeddings with, InfoNCE over the global batch, with
-accumulation that keeps the whole effective batch as negatives), and the zero-shot evaluation.
+embeddings without gradients, encoder embeddings with, InfoNCE or SigLIP over the global batch,
+with accumulation that keeps the whole effective batch as negatives), and the zero-shot
+evaluation.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .data.datasets import DatasetBundle, collate, get_dataset_builder
 from .evaluation import prompts
 from .evaluation.zero_shot import embed_dataset, retrieval_metrics, zero_shot_classification
-from .loss import info_nce
+from .loss import SigLIPHead, info_nce
 from .models.anchor_init import check_encoder_options, init_architecture, setup_encoder
-from .models.build import build_encoder, resolve_size
+from .models.build import build_encoder, resolve_size, stem_tokens
 from .registry import get_modality, import_modality_file
 from .training.loop import (
     CHECKPOINT_RE,
@@ -54,10 +55,13 @@ __all__ = [
     "AlignmentModule",
     "AlignmentObjective",
     "AlignmentTask",
+    "LOSS_KINDS",
     "StepContext",
     "cosine_with_warmup",
     "evaluate",
     "latest_checkpoint",
+    "loss_head",
+    "loss_scalars",
     "param_groups",
     "resolve_run_dir",
     "save_checkpoint",
@@ -101,8 +105,47 @@ def validate_config(cfg: TrainConfig) -> None:
         )
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
         raise ConfigError(f"data.root: folder not found: {cfg.data.root}")
+    validate_loss(cfg)
+    validate_patch_dropout(cfg)
     validate_anchor_config(cfg.anchor)
     check_encoder_options(cfg)
+
+
+LOSS_KINDS = ("infonce", "siglip")
+
+
+def validate_loss(cfg: TrainConfig) -> None:
+    """``loss.*``: a known kind, ``local`` for InfoNCE only, a positive SigLIP scale."""
+    kind = cfg.loss.kind
+    if kind not in LOSS_KINDS:
+        raise ConfigError(f"loss.kind: expected {' or '.join(LOSS_KINDS)}, got {kind!r}")
+    if kind == "siglip" and cfg.loss.local:
+        raise ConfigError(
+            "loss.local: siglip always scores each process's own rows against the global "
+            "batch (it is local already); leave loss.local false"
+        )
+    if cfg.loss.init_scale <= 0:
+        raise ConfigError(f"loss.init_scale: must be positive, got {cfg.loss.init_scale}")
+
+
+def validate_patch_dropout(cfg: TrainConfig) -> None:
+    """``encoder.patch_dropout``: a probability in [0, 1) and a stem with tokens to drop."""
+    p = cfg.encoder.patch_dropout
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"encoder.patch_dropout: expected a probability in [0, 1), got {p}")
+    if not p:
+        return
+    spec = get_modality(cfg.modality)
+    preprocess = {**spec.preprocess, **cfg.data.preprocess}
+    try:
+        tokens = stem_tokens(cfg.modality, cfg.encoder.size, cfg.encoder.overrides, preprocess)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"encoder: the {cfg.modality} stem cannot be built: {err}") from None
+    if tokens < 2:
+        raise ConfigError(
+            f"encoder.patch_dropout: the {cfg.modality} encoder at this size makes {tokens} "
+            "token; there are none to drop"
+        )
 
 
 def resolve_run_dir(cfg: TrainConfig, resume: str | bool | None) -> tuple[Path, Path | None]:
@@ -153,14 +196,39 @@ def model_config(cfg: TrainConfig, anchor: Anchor, temperature: float) -> dict:
 
 
 class AlignmentModule(torch.nn.Module):
-    """What Accelerate wraps: the trainable encoder only (the frozen anchor stays outside)."""
+    """What Accelerate wraps: the trainable encoder and the loss's own parameters, if any
+    (``loss_head``: SigLIP's scale and bias); the frozen anchor stays outside.
 
-    def __init__(self, encoder: torch.nn.Module):
+    ``forward(x)``: the embeddings. ``forward(x, anchor_emb, rows)``: the loss head's loss of
+    these rows against the anchor embeddings, computed inside the forward so that the
+    data-parallel wrapper sees the head's parameters used and averages their gradients.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, loss_head: torch.nn.Module | None = None):
         super().__init__()
         self.encoder = encoder
+        self.loss_head = loss_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+    def forward(self, x: torch.Tensor, anchor_emb=None, rows=None) -> torch.Tensor:
+        emb = self.encoder(x)
+        if anchor_emb is None:
+            return emb
+        if self.loss_head is None:
+            raise ValueError("this AlignmentModule has no loss head to score anchor embeddings")
+        return self.loss_head(emb, anchor_emb, rows)
+
+
+def loss_head(cfg: TrainConfig) -> torch.nn.Module | None:
+    """The trainable part of ``cfg``'s loss: SigLIP's scale and bias, none for InfoNCE."""
+    if cfg.loss.kind == "siglip":
+        return SigLIPHead(cfg.loss.init_scale, cfg.loss.init_bias)
+    return None
+
+
+def loss_scalars(module: AlignmentModule) -> dict:
+    """The loss head's learnt values (``siglip_scale``, ``siglip_bias``), none for InfoNCE."""
+    head = getattr(module, "loss_head", None)
+    return head.scalars() if head is not None else {}
 
 
 # ------------------------------------------------------------------------- the objective
@@ -168,13 +236,15 @@ class AlignmentModule(torch.nn.Module):
 
 @dataclass
 class AlignmentObjective(Objective):
-    """InfoNCE of the encoder's embeddings against the anchor's, over ``accum`` micro-batches
-    with the negatives of all of them.
+    """InfoNCE (or SigLIP) of the encoder's embeddings against the anchor's, over ``accum``
+    micro-batches with the negatives of all of them.
 
     With accumulation, the embeddings of every micro-batch are first computed without gradients;
     then each micro-batch is re-encoded with gradients and the loss is taken against all the
     others (open_clip's ``--accum-freq`` scheme), so the contrastive batch is the full effective
-    batch and the summed gradients equal those of one big batch.
+    batch and the summed gradients equal those of one big batch. SigLIP needs no cache: a row's
+    pairs involve only its own embedding and the anchors', so each micro-batch's rows are scored
+    against every anchor embedding of the step and the shares add up (``loss.siglip``).
     """
 
     anchor: Anchor | None  # None: batches carry cached "anchor_embedding"
@@ -182,12 +252,15 @@ class AlignmentObjective(Objective):
     temperature: float
     accum: int = 1
     local: bool = False  # loss.local: this process's rows against the global batch
+    kind: str = "infonce"  # loss.kind; siglip: the model holds the loss head (AlignmentModule)
 
     def backward(self, ctx: StepContext, batch: dict) -> float:
         accelerator, model, accum = ctx.accelerator, ctx.model, self.accum
         inputs = batch[self.modality]
         with torch.no_grad():
             anchor_emb = anchor_embeddings(self.anchor, batch)
+        if self.kind == "siglip":
+            return self.siglip_backward(ctx, inputs, anchor_emb)
         if accum == 1:
             with accelerator.autocast():
                 loss = info_nce(model(inputs), anchor_emb, self.temperature, local=self.local)
@@ -204,6 +277,21 @@ class AlignmentObjective(Objective):
                 loss = info_nce(emb, anchor_emb, self.temperature, local=self.local)
                 accelerator.backward(loss)
         return float(loss.detach())
+
+    def siglip_backward(self, ctx: StepContext, inputs, anchor_emb: torch.Tensor) -> float:
+        """Each micro-batch's rows with gradients against all the step's anchor embeddings,
+        through the model's loss head; returns their summed shares, the batch's loss."""
+        accelerator, model = ctx.accelerator, ctx.model
+        chunks, start, total = inputs.chunk(self.accum), 0, 0.0
+        for i, chunk in enumerate(chunks):
+            rows = (start, start + chunk.shape[0])
+            # Gradients are synchronised once, on the last micro-batch.
+            sync = accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext()
+            with sync, accelerator.autocast():
+                loss = model(chunk, anchor_emb=anchor_emb, rows=rows)
+                accelerator.backward(loss)
+            total, start = total + float(loss.detach()), rows[1]
+        return total
 
 
 def anchor_embeddings(anchor: Anchor, batch: dict) -> torch.Tensor:
@@ -277,13 +365,19 @@ class AlignmentTask(Task):
             self.temperature,
             cfg.encoder.grad_checkpointing,
             architecture=architecture,
+            patch_dropout=cfg.encoder.patch_dropout,
         )
         setup_encoder(encoder, cfg, self.anchor)
-        model = AlignmentModule(encoder)
+        model = AlignmentModule(encoder, loss_head(cfg))
         if cfg.encoder.compile:
             model = torch.compile(model)
         objective = AlignmentObjective(
-            self.anchor, cfg.modality, self.temperature, cfg.optim.grad_accum, cfg.loss.local
+            self.anchor,
+            cfg.modality,
+            self.temperature,
+            cfg.optim.grad_accum,
+            cfg.loss.local,
+            cfg.loss.kind,
         )
         groups = param_groups(model, cfg.optim.weight_decay)
         return TaskParts(model, groups, self.bundle.train, objective, collate)
@@ -322,6 +416,7 @@ class AlignmentTask(Task):
         save_model(self.encoder(run), config, self.run_dir / "model")
         metrics = self.evaluate(run)
         metrics.update(self.summary(run, skipped))
+        metrics.update(loss_scalars(run.accelerator.unwrap_model(run.model)))
         if self.cfg.tracker:
             log_scalars(run.accelerator, "eval", metrics, run.step)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -332,6 +427,7 @@ class AlignmentTask(Task):
         return dict(
             modality=self.cfg.modality,
             dataset=self.cfg.data.dataset,
+            loss_kind=self.cfg.loss.kind,
             steps=run.step,
             epochs=run.step / run.steps_per_epoch,
             global_batch=run.global_batch,

@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_pen import TES, raw_lines
 
-from imagebind_lite.bind import schedule
+from imagebind_lite.bind import bind, schedule
 from imagebind_lite.bound import BoundModel
-from imagebind_lite.config import load_config
+from imagebind_lite.config import BindConfig, load_config
 from imagebind_lite.data.avmnist import DIGIT_NAMES, DIGIT_TEMPLATES, load_digit_images
 from imagebind_lite.evaluation.zero_shot import class_text_embeddings
 from imagebind_lite.modalities.pen import load as load_pen
@@ -242,6 +242,7 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     [
         ("modalities.smell={}", "modalities.smell: unknown modality 'smell'"),
         ("modalities.imu={}", "modalities.imu: no dataset: 'avmnist' pairs images with audio"),
+        ("modalities.pen.loss.kind=clip", "modalities.pen: loss.kind: expected infonce or siglip"),
     ],
 )
 def test_bad_bind_configs_fail_in_one_line_before_training(tmp_path, override, message):
@@ -281,3 +282,26 @@ def test_combining_runs_with_different_anchors_is_refused(tmp_path):
     model = BoundModel.from_pretrained(out)
     assert set(model.encoders) == {"pen", "audio"}
     assert model.configs["audio"]["data"]["dataset"] == "avmnist"
+
+
+def test_siglip_and_patch_dropout_per_modality(tmp_path):
+    # Depth with SigLIP (its own scale and bias, in the bound module) and patch dropout, thermal
+    # with InfoNCE, in one run of 2 steps each (the small synthetic scenes, for speed).
+    small = {"depth": 1, "width": 32, "heads": 2, "drop_path": 0.0}
+    data = {"batch_size": 32, "preprocess": {"image_size": 32}}
+    data["options"] = {"train_size": 128, "test_size": 32}
+    thermal = {"weight": 1, "encoder": {"overrides": small}, "data": data}
+    depth = {**thermal, "loss": {"kind": "siglip"}}
+    depth["encoder"] = {"overrides": small, "patch_dropout": 0.5}
+    extra = {"modalities": {"depth": depth, "thermal": thermal}, "emergent": []}
+    overrides = [f"output_dir={tmp_path}", "tracker=null", "max_steps=4", "warmup_steps=2"]
+    overrides += ["sampling=round_robin", "checkpoint_every=0", "anchor.pretrained=null"]
+    metrics = bind(load_config(None, overrides, cls=BindConfig, extra=extra), quiet=True)
+    assert metrics["loss_kind.depth"] == "siglip" and metrics["loss_kind.thermal"] == "infonce"
+    assert "siglip_scale.thermal" not in metrics and "siglip_bias.thermal" not in metrics
+    # Trained by the run's optimizer: both moved from the paper's initial values.
+    assert metrics["siglip_scale.depth"] != pytest.approx(10.0, abs=1e-4)
+    assert metrics["siglip_bias.depth"] != pytest.approx(-10.0, abs=1e-4)
+    saved = json.loads((Path(metrics["run_dir"]) / "metrics.json").read_text())
+    assert saved["siglip_scale.depth"] == metrics["siglip_scale.depth"]
+    assert len(json.loads((Path(metrics["run_dir"]) / "losses.json").read_text())["depth"]) == 2

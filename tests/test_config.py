@@ -51,6 +51,10 @@ def test_bad_fields_fail_with_one_line(override, message):
         ("data.root=/no/such/folder", "data.root: folder not found"),
         ("modality_file=/no/such/modality.py", "modality file not found"),
         ("eval.every_epochs=-1", "eval.every_epochs: must be 0"),
+        ("loss.kind=clip", "loss.kind: expected infonce or siglip, got 'clip'"),
+        ("loss.init_scale=0", "loss.init_scale: must be positive"),
+        ("encoder.patch_dropout=1.0", "encoder.patch_dropout: expected a probability in"),
+        ("encoder.patch_dropout=-0.1", "encoder.patch_dropout: expected a probability in"),
     ],
 )
 def test_semantic_errors_before_data(override, message):
@@ -83,3 +87,22 @@ def test_exponent_floats_without_a_dot_are_numbers():
     """README's `optim.lr=1e-3`: PyYAML 1.1 reads it as a string; float fields take it."""
     cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5E-2"])
     assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.05
+
+
+def test_siglip_refuses_loss_local_in_one_line():
+    cfg = load_config(None, ["loss.kind=siglip", "loss.local=true"])
+    with pytest.raises(ConfigError, match="loss.local: siglip always scores") as err:
+        validate_config(cfg)
+    assert "\n" not in str(err.value)
+    validate_config(load_config(None, ["loss.kind=siglip"]))
+    validate_config(load_config(None, ["loss.local=true"]))
+
+
+def test_patch_dropout_refuses_a_stem_with_one_token():
+    # IMU's stem with one window of the whole 2000 steps: a single token, none to drop.
+    one = ["modality=imu", "data.dataset=synthetic_scenes", "encoder.overrides={window: 2000}"]
+    validate_config(load_config(None, one))
+    cfg = load_config(None, [*one, "encoder.patch_dropout=0.5"])
+    with pytest.raises(ConfigError, match="encoder.patch_dropout: the imu encoder at this size"):
+        validate_config(cfg)
+    validate_config(load_config(None, ["encoder.patch_dropout=0.5"]))

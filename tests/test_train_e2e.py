@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from conftest import FSDD, REPO, free_port, killed_after_checkpoint, tiny_overrides
@@ -278,3 +279,25 @@ def test_default_audio_run_with_drop_path_resumes_bit_for_bit(tmp_path):
     second = json.loads((run_dir / "metrics.json").read_text())
     assert first["steps"] == second["steps"] == 8
     assert first["final_loss"] == second["final_loss"]
+
+
+@pytest.mark.parametrize("switch", ["loss.kind=siglip", "encoder.patch_dropout=0.5"])
+def test_siglip_and_patch_dropout_runs_resume_bit_for_bit(tmp_path, switch):
+    # 4 steps, checkpoints at 2 and 4; then steps 3-4 again from the checkpoint of step 2. Both
+    # must come back: SigLIP's scale and bias (in the checkpointed module) and the tokens that
+    # patch dropout drew (torch's RNG, reseeded every step).
+    overrides = depth_overrides(tmp_path, switch, "optim.max_steps=4")
+    cfg = load_config(REPO / "configs/depth.yaml", overrides)
+    first = train(cfg, quiet=True)
+    run = Path(first["run_dir"])
+    weights = load_file(str(run / "model/model.safetensors"))
+    assert first["steps"] == 4 and first["final_loss"] == first["final_loss"]  # not NaN
+    if "siglip" in switch:
+        assert first["loss_kind"] == "siglip"
+        assert (first["siglip_scale"], first["siglip_bias"]) != pytest.approx((10.0, -10.0))
+    again = train(cfg, resume=str(run / "checkpoints/step_00000002"), quiet=True)
+    assert again["steps"] == 4 and again["final_loss"] == first["final_loss"]
+    for key in ("siglip_scale", "siglip_bias"):
+        assert again.get(key) == first.get(key)
+    resumed = load_file(str(run / "model/model.safetensors"))
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)

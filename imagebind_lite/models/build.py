@@ -44,8 +44,10 @@ def build_encoder(
     grad_checkpointing: bool = False,
     imagebind_scaling: bool = False,
     architecture: dict[str, Any] | None = None,
+    patch_dropout: float = 0.0,
 ) -> ModalityEncoder:
-    """Build the encoder of a registered modality at a named size, projecting to ``embed_dim``.
+    """Build the encoder of a registered modality at a named size, projecting to ``embed_dim``;
+    ``patch_dropout``: FLIP's token dropping in training (``PatchDropout``).
 
     ``architecture`` (``ARCHITECTURE_FIELDS``, from ``models.anchor_init.anchor_architecture``
     or a model folder) lays it out as an open_clip image tower instead, on the modality's
@@ -71,6 +73,7 @@ def build_encoder(
             head_dropout=spec.head_dropout,
             grad_checkpointing=grad_checkpointing,
         )
+    shape.patch_dropout = patch_dropout
     encoder = ModalityEncoder(
         stem,
         shape,
@@ -112,3 +115,19 @@ def _tower_layout(
         ln_pre=arch["ln_pre"],
     )
     return stem, shape
+
+
+def stem_tokens(
+    modality: str,
+    size: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    preprocess: dict[str, Any] | None = None,
+) -> int:
+    """The tokens the modality's stem makes at a size (CLS not counted), without the trunk."""
+    spec = get_modality(modality)
+    if spec.is_anchor or spec.build_stem is None:
+        raise ValueError(f"{modality!r} is an anchor modality: its tower comes from the anchor")
+    stem = spec.build_stem(
+        resolve_size(modality, size, overrides), {**spec.preprocess, **(preprocess or {})}
+    )
+    return int(getattr(stem, "num_tokens", 0))

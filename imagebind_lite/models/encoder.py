@@ -36,6 +36,7 @@ class EncoderShape:
     act: str = "gelu"
     mlp_width: int | None = None
     ln_pre: bool = False
+    patch_dropout: float = 0.0
 
 
 def patch_tokens(size, kernel, stride) -> int:
@@ -138,6 +139,38 @@ class LinearWindowStem(nn.Module):
         return self.norm(self.proj(windows))
 
 
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout (Li et al., 2023): in training, each sample keeps a random
+    ``max(1, int(n * (1 - p)))`` of its ``n`` tokens after the first (the CLS token, always
+    kept); the identity in eval mode or at ``p = 0``. Applied after the positional embedding,
+    so a kept token keeps its position. The draw comes from torch's global RNG on the tokens'
+    device, which the training loop reseeds every step, as it does for drop path: a resumed run
+    draws the same tokens. (open_clip's ``PatchDropout`` does the same but always draws on the
+    CPU.)"""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"patch_dropout: expected a probability in [0, 1), got {p}")
+        self.p = p
+
+    def kept(self, tokens: int) -> int:
+        """How many of ``tokens`` (CLS not counted) a training forward keeps."""
+        return max(1, int(tokens * (1.0 - self.p))) if self.p else tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        first, rest = x[:, :1], x[:, 1:]
+        keep = self.kept(rest.shape[1])
+        order = torch.rand(rest.shape[:2], device=x.device).argsort(dim=1)[:, :keep]
+        rest = rest.gather(1, order.unsqueeze(-1).expand(-1, -1, rest.shape[-1]))
+        return torch.cat([first, rest], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ModalityEncoder(nn.Module):
     """Encodes one modality into the anchor's space.
 
@@ -163,6 +196,11 @@ class ModalityEncoder(nn.Module):
         self.sample_ndim = sample_ndim
         self.cls_token = nn.Parameter(torch.randn(1, 1, width) / math.sqrt(width))
         self.pos_embed = nn.Parameter(torch.randn(1, stem.num_tokens + 1, width) / math.sqrt(width))
+        if shape.patch_dropout and stem.num_tokens < 2:
+            raise ValueError(
+                f"patch_dropout: the stem makes {stem.num_tokens} token; there are none to drop"
+            )
+        self.patch_dropout = PatchDropout(shape.patch_dropout)
         self.trunk = Trunk(
             width,
             shape.depth,
@@ -193,7 +231,7 @@ class ModalityEncoder(nn.Module):
         tokens = self.stem(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = self.ln_pre(torch.cat([cls, tokens], dim=1) + self.pos_embed)
-        tokens = self.trunk(tokens)
+        tokens = self.trunk(self.patch_dropout(tokens))
         return self.head(self.head_dropout(self.head_norm(tokens[:, 0])))
 
     def parameter_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
