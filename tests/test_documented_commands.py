@@ -184,6 +184,15 @@ COMMANDS = {
     "--collection emb.safetensors": Run(
         {"RUN": "audio_run", "emb.safetensors": "audio_embeddings"}
     ),
+    # ---- README: recipes and the ceiling
+    "python eval/ceiling.py --config configs/audio.yaml --checkpoint runs/audio-avmnist": Run(
+        {"runs/audio-avmnist": "audio_run"}, AUDIO
+    ),
+    "python bench/recipes.py": Run(
+        extra="--benchmarks pen --recipes imagebind --max-steps 2 "
+        "--set 'encoder.overrides={depth: 1, width: 32, heads: 2}' --set data.batch_size=32",
+        expect="docs/recipes.md",
+    ),
     # ---- README / docs/extending.md: a modality in one file
     "accelerate launch train/align.py modality_file=my_sensor.py modality=my_sensor "
     "data.dataset=manifest data.root=DATA "
