@@ -41,6 +41,7 @@ from torch import nn
 # Runs from a checkout without `pip install -e .` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imagebind_lite.cli import OneLineArgumentParser, available_device, positive_int, run_script
 from imagebind_lite.modalities import build_encoder, get_modality
 from imagebind_lite.models.transformer import Attention
 
@@ -205,13 +206,13 @@ def rss_of(args, name: str) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modality", default="audio")
     parser.add_argument("--size", default="tiny")
-    parser.add_argument("--embed-dim", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--embed-dim", type=positive_int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
@@ -222,7 +223,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.rss_of:
         return rss_of(args, args.rss_of)
-    device = torch.device(args.device)
+    device = available_device(args.device)
     encoder = build(args, device)
     models = variants(args, encoder)
     x = make_input(args, encoder, device)
@@ -313,4 +314,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

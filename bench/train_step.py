@@ -20,7 +20,6 @@ those robust figures and the configuration.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -30,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache
+from imagebind_lite.cli import OneLineArgumentParser, positive_int, run_script
 from imagebind_lite.config import AnchorConfig
 from imagebind_lite.data.avmnist import PairedAudioImages
 from imagebind_lite.data.datasets import collate
@@ -56,16 +57,23 @@ TEMPERATURE = 0.05
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--anchor", default="ViT-B-32", help="open_clip model (random weights)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--check-steps", type=int, default=3, help="steps of the loss check")
-    parser.add_argument("--images", type=int, default=96, help="distinct images (cache size)")
-    parser.add_argument("--clips", type=int, default=256, help="training clips")
+    parser.add_argument(
+        "--images", type=positive_int, default=96, help="distinct images (cache size)"
+    )
+    parser.add_argument("--clips", type=positive_int, default=256, help="training clips")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clips < args.batch:
+        parser.error(f"--clips {args.clips} is fewer than one --batch {args.batch}")
+    if args.anchor not in open_clip.list_models():
+        parser.error(f"--anchor: unknown open_clip model {args.anchor!r}")
+    return args
 
 
 def make_datasets(anchor: Anchor, images: int, clips: int, seed: int):
@@ -236,4 +244,4 @@ def _machine(device) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
