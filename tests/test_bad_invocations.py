@@ -88,6 +88,7 @@ CASES = [
     ("bench/gpu_audio_step.py", ["--device", "cpu", "--precision", "fp8"], "invalid choice"),
     ("bench/loss_memory.py", ["--global-batch", "512,abc"], "--global-batch: expected a whole"),
     ("bench/train_step.py", ["--anchor", "nosuch"], "unknown open_clip model 'nosuch'"),
+    ("bench/manifest_cache.py", ["--clips", "4", "--batch", "8"], "fewer than one --batch"),
 ]
 
 
