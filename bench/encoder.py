@@ -219,6 +219,33 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_references(encoder, models: dict, x) -> tuple[float, float]:
+    """(max output diff, max grad diff) of the fused encoder against both references."""
+    checks = {name: compare(encoder, models[name], x) for name in ("reference", "math_reference")}
+    max_abs_diff = max(out for out, _ in checks.values())
+    max_grad_diff = max(grad for _, grad in checks.values())
+    print(
+        f"fp32 fused vs references: max |output diff| {max_abs_diff:.2e}, "
+        f"max |grad diff| {max_grad_diff:.2e}"
+    )
+    assert max_abs_diff <= 1e-5, f"fused attention differs from the reference: {max_abs_diff}"
+    return max_abs_diff, max_grad_diff
+
+
+def add_compiled(encoder, models: dict, x) -> float:
+    """Compile a copy of the encoder into ``models["compiled"]``; the compile seconds."""
+    start = time.perf_counter()
+    compiled = torch.compile(copy.deepcopy(encoder))
+    fwd_bwd(compiled, x)
+    compiled.zero_grad(set_to_none=True)
+    compile_seconds = time.perf_counter() - start
+    torch.manual_seed(0)
+    diff = float((compiled(x) - encoder(x)).abs().max())
+    print(f"torch.compile: {compile_seconds:.1f} s to compile, max |output diff| {diff:.2e}")
+    models["compiled"] = compiled
+    return compile_seconds
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.rss_of:
@@ -228,26 +255,9 @@ def main(argv=None) -> dict:
     models = variants(args, encoder)
     x = make_input(args, encoder, device)
 
-    checks = {name: compare(encoder, models[name], x) for name in ("reference", "math_reference")}
-    max_abs_diff = max(out for out, _ in checks.values())
-    max_grad_diff = max(grad for _, grad in checks.values())
-    print(
-        f"fp32 fused vs references: max |output diff| {max_abs_diff:.2e}, "
-        f"max |grad diff| {max_grad_diff:.2e}"
-    )
-    assert max_abs_diff <= 1e-5, f"fused attention differs from the reference: {max_abs_diff}"
+    max_abs_diff, max_grad_diff = check_references(encoder, models, x)
 
-    compile_seconds = None
-    if args.compile:
-        start = time.perf_counter()
-        compiled = torch.compile(copy.deepcopy(encoder))
-        fwd_bwd(compiled, x)
-        compiled.zero_grad(set_to_none=True)
-        compile_seconds = time.perf_counter() - start
-        torch.manual_seed(0)
-        diff = float((compiled(x) - encoder(x)).abs().max())
-        print(f"torch.compile: {compile_seconds:.1f} s to compile, max |output diff| {diff:.2e}")
-        models["compiled"] = compiled
+    compile_seconds = add_compiled(encoder, models, x) if args.compile else None
 
     for model in models.values():  # warm-up: allocator, kernels, autotuning
         timed(model, x, 1)

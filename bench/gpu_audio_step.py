@@ -116,19 +116,43 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def checked_device(args) -> torch.device:
+    """The device to run on; one-line errors for no GPU and bad values."""
     if args.device is None and not torch.cuda.is_available():
         # Not a silent fall-back: the ImageBind-size step takes minutes per step on a CPU.
         raise ValueError(
             "bench/gpu_audio_step.py: no CUDA GPU on this machine; pass --device cpu "
             "(e.g. --device cpu --steps 2 --batch 2) for a CPU smoke run"
         )
-    device = available_device(args.device or "cuda")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup: must be at least 0, got {args.warmup}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ValueError(f"--peak-tflops: must be positive, got {args.peak_tflops}")
+    return available_device(args.device or "cuda")
+
+
+def timed_steps(step, warmup: int, steps: int, device) -> tuple[float, list, list]:
+    """(warm-up seconds, per-step seconds, losses), synchronised per step."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        _sync(device)
+        begin = time.perf_counter()
+        losses.append(step())  # float(loss) synchronises too
+        _sync(device)
+        times.append(time.perf_counter() - begin)
+    return warmup_seconds, times, losses
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = checked_device(args)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.precision)
     device = accelerator.device
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
@@ -162,21 +186,7 @@ def main(argv=None) -> dict:
     def step() -> float:
         return train_step(ctx, batch)
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    warmup_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(args.steps):
-        _sync(device)
-        begin = time.perf_counter()
-        losses.append(step())  # float(loss) synchronises too
-        _sync(device)
-        times.append(time.perf_counter() - begin)
-
+    warmup_seconds, times, losses = timed_steps(step, warmup, args.steps, device)
     median = statistics.median(times)
     samples_per_second = args.batch / median
     train_flops_per_sample = 3 * flops["total"]

@@ -141,6 +141,32 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def measure(args, runs: dict, anchor) -> tuple[dict, dict, float]:
+    """Loss check, then alternating timed repeats: (rates, CPU time per sample, max loss diff)."""
+    # Same start, same order, same views: the loss curves must coincide.
+    losses = {
+        name: [run.step(anchor) for _ in range(args.check_steps)] for name, run in runs.items()
+    }
+    diffs = [abs(a - b) for a, b in zip(losses["uncached"], losses["cached"])]
+    max_diff = max(diffs) if diffs else 0.0
+    print(f"loss check over {args.check_steps} steps: max |diff| = {max_diff:.2e}")
+    print(f"  uncached {[f'{v:.6f}' for v in losses['uncached']]}")
+    print(f"  cached   {[f'{v:.6f}' for v in losses['cached']]}")
+
+    rates = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name, run in runs.items():
+            rate, cpu_per_sample = run.timed(anchor, args.steps, args.batch)
+            rates[name].append(rate)
+            cpu[name].append(cpu_per_sample)
+        print(
+            f"repeat {repeat}: uncached {rates['uncached'][-1]:.1f} samples/s, "
+            f"cached {rates['cached'][-1]:.1f} samples/s"
+        )
+    return rates, cpu, max_diff
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -163,27 +189,7 @@ def main(argv=None) -> dict:
             "uncached": Run(accelerator, encoder, plain_set, args.batch, args.seed),
             "cached": Run(accelerator, encoder, cached_set, args.batch, args.seed),
         }
-        # Same start, same order, same views: the loss curves must coincide.
-        losses = {
-            name: [run.step(anchor) for _ in range(args.check_steps)] for name, run in runs.items()
-        }
-        diffs = [abs(a - b) for a, b in zip(losses["uncached"], losses["cached"])]
-        max_diff = max(diffs) if diffs else 0.0
-        print(f"loss check over {args.check_steps} steps: max |diff| = {max_diff:.2e}")
-        print(f"  uncached {[f'{v:.6f}' for v in losses['uncached']]}")
-        print(f"  cached   {[f'{v:.6f}' for v in losses['cached']]}")
-
-        rates = {name: [] for name in runs}
-        cpu = {name: [] for name in runs}
-        for repeat in range(args.repeats):
-            for name, run in runs.items():
-                rate, cpu_per_sample = run.timed(anchor, args.steps, args.batch)
-                rates[name].append(rate)
-                cpu[name].append(cpu_per_sample)
-            print(
-                f"repeat {repeat}: uncached {rates['uncached'][-1]:.1f} samples/s, "
-                f"cached {rates['cached'][-1]:.1f} samples/s"
-            )
+        rates, cpu, max_diff = measure(args, runs, anchor)
     uncached = statistics.median(rates["uncached"])
     cached = statistics.median(rates["cached"])
     ratios = [c / u for c, u in zip(rates["cached"], rates["uncached"])]

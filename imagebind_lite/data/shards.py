@@ -249,7 +249,9 @@ class ShardAccess:
     samples, so a cache of the old one is refused, while the ids are enumerated from
     ``shards.json`` and one ``stat`` per shard, without reading any tar: cheap at AudioSet scale,
     where hashing member contents would read every byte of every shard at each start. Random
-    access and streams give the same ids, so one cache serves both.
+    access and streams give the same ids, so one cache serves both. The keys enumerated are
+    ``write_shards``' running numbers (:func:`member_key`); a shard keyed otherwise fails at
+    caching, in ``anchor_input``, naming the key it lacks.
     """
 
     directory: Path
