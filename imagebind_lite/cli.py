@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 from .bind import bind, combine
 from .config import BindConfig, ConfigError, load_config, resolve_config_arg, shipped_config
 from .train import train
@@ -83,8 +85,6 @@ def positive_int(text: str) -> int:
 
 def available_device(text: str):
     """``--device TEXT`` as a ``torch.device`` this machine has, else a one-line ValueError."""
-    import torch
-
     try:
         device = torch.device(text)
     except RuntimeError:
