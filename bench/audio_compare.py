@@ -16,7 +16,6 @@ JSON object mapping each folder to {new_ms_per_file, old_ms_per_file, speedup, f
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import statistics
@@ -32,6 +31,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install -e .` too
 
+from imagebind_lite.cli import (  # noqa: E402
+    OneLineArgumentParser,
+    existing_folder,
+    positive_int,
+    run_script,
+)
 from imagebind_lite.data import audio as current  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,13 +53,13 @@ def load_revision(rev: str):
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"cannot read the audio modules at {rev}: {done.stderr}")
+            raise ValueError(f"cannot read the audio modules at revision {rev!r}: {done.stderr}")
         return done.stdout
 
     names = git("ls-tree", "--name-only", rev, "imagebind_lite/data/").split()
     sources = [n for n in names if Path(n).name.startswith("audio") and n.endswith(".py")]
     if "imagebind_lite/data/audio.py" not in sources:
-        raise SystemExit(f"no imagebind_lite/data/audio.py at {rev}")
+        raise ValueError(f"no imagebind_lite/data/audio.py at revision {rev!r}")
     package = Path(tempfile.mkdtemp()) / "audio_at_revision"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -92,21 +97,25 @@ def compare(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="git revision to compare against, e.g. HEAD~1")
     parser.add_argument("folders", type=Path, nargs="+")
-    parser.add_argument("--limit", type=int, default=128, help="first N audio files per folder")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--workers", type=int, default=None, help="threads (one per CPU)")
+    parser.add_argument(
+        "--limit", type=positive_int, default=128, help="first N audio files per folder"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--workers", type=positive_int, default=None, help="threads (one per CPU)")
     parser.add_argument("--compat", choices=("imagebind", "default"), default="imagebind")
     args = parser.parse_args(argv)
+    for folder in args.folders:  # before the slow part: a typo fails at once
+        existing_folder(folder, "DIR")
     old = load_revision(args.rev)
     warnings.simplefilter("ignore")  # ImageBind's padding warnings would flood the output
     results = {}
     for folder in args.folders:
         files = find_files(folder, args.limit)
         if not files:
-            parser.error(f"no readable audio files under {folder}")
+            raise FileNotFoundError(f"{folder}: no readable audio files")
         r = results[str(folder)] = compare(old, files, args.rounds, args.workers, args.compat)
         print(
             f"{folder}: {r['files']} files, {r['new_ms_per_file']:.3f} ms per file now vs "
@@ -118,4 +127,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

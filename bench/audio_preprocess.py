@@ -20,7 +20,6 @@ load_average_before).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -38,6 +37,7 @@ from torchaudio.compliance import kaldi
 # Runs from a checkout without `pip install -e .` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imagebind_lite.cli import OneLineArgumentParser, existing_folder, positive_int, run_script
 from imagebind_lite.data import audio
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff"}
@@ -118,23 +118,29 @@ def run_project(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--limit", type=int, default=None, help="use the first N audio files")
-    parser.add_argument("--batch-size", type=int, default=128, help="files per call")
     parser.add_argument(
-        "--workers", type=int, default=None, help="threads for the project pipeline (one per CPU)"
+        "--limit", type=positive_int, default=None, help="use the first N audio files"
     )
-    parser.add_argument("--repeat", type=int, default=5, help="best of R timed runs each")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="files per call")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="threads for the project pipeline (one per CPU)",
+    )
+    parser.add_argument("--repeat", type=positive_int, default=5, help="best of R timed runs each")
     parser.add_argument(
         "--torch-threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch.set_num_threads for both pipelines (default: torch's own, as ImageBind runs)."
         " On a machine shared with other jobs, OpenMP threads spinning against them slow the"
         " per-clip reference far more than usual; 1 gives a fairer comparison there.",
     )
     args = parser.parse_args(argv)
+    existing_folder(args.folder, "folder")
     if args.workers is None:
         # Not default_num_workers(): that follows torch's thread count, which --torch-threads sets.
         args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     files = find_files(args.folder, args.limit)
     if not files:
-        parser.error(f"no readable audio files under {args.folder}")
+        raise FileNotFoundError(f"{args.folder}: no readable audio files")
     clips = len(files) * NUM_CLIPS
     # ImageBind warns about every short clip; that would flood the output here.
     warnings.simplefilter("ignore", audio.AudioPaddingWarning)
@@ -191,4 +197,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -41,6 +41,7 @@ from torch import nn
 # Runs from a checkout without `pip install -e .` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imagebind_lite.cli import OneLineArgumentParser, available_device, positive_int, run_script
 from imagebind_lite.modalities import build_encoder, get_modality
 from imagebind_lite.models.transformer import Attention
 
@@ -205,28 +206,21 @@ def rss_of(args, name: str) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modality", default="audio")
     parser.add_argument("--size", default="tiny")
-    parser.add_argument("--embed-dim", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--embed-dim", type=positive_int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.rss_of:
-        return rss_of(args, args.rss_of)
-    device = torch.device(args.device)
-    encoder = build(args, device)
-    models = variants(args, encoder)
-    x = make_input(args, encoder, device)
-
+def check_references(encoder, models: dict, x) -> tuple[float, float]:
+    """(max output diff, max grad diff) of the fused encoder against both references."""
     checks = {name: compare(encoder, models[name], x) for name in ("reference", "math_reference")}
     max_abs_diff = max(out for out, _ in checks.values())
     max_grad_diff = max(grad for _, grad in checks.values())
@@ -235,18 +229,35 @@ def main(argv=None) -> dict:
         f"max |grad diff| {max_grad_diff:.2e}"
     )
     assert max_abs_diff <= 1e-5, f"fused attention differs from the reference: {max_abs_diff}"
+    return max_abs_diff, max_grad_diff
 
-    compile_seconds = None
-    if args.compile:
-        start = time.perf_counter()
-        compiled = torch.compile(copy.deepcopy(encoder))
-        fwd_bwd(compiled, x)
-        compiled.zero_grad(set_to_none=True)
-        compile_seconds = time.perf_counter() - start
-        torch.manual_seed(0)
-        diff = float((compiled(x) - encoder(x)).abs().max())
-        print(f"torch.compile: {compile_seconds:.1f} s to compile, max |output diff| {diff:.2e}")
-        models["compiled"] = compiled
+
+def add_compiled(encoder, models: dict, x) -> float:
+    """Compile a copy of the encoder into ``models["compiled"]``; the compile seconds."""
+    start = time.perf_counter()
+    compiled = torch.compile(copy.deepcopy(encoder))
+    fwd_bwd(compiled, x)
+    compiled.zero_grad(set_to_none=True)
+    compile_seconds = time.perf_counter() - start
+    torch.manual_seed(0)
+    diff = float((compiled(x) - encoder(x)).abs().max())
+    print(f"torch.compile: {compile_seconds:.1f} s to compile, max |output diff| {diff:.2e}")
+    models["compiled"] = compiled
+    return compile_seconds
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.rss_of:
+        return rss_of(args, args.rss_of)
+    device = available_device(args.device)
+    encoder = build(args, device)
+    models = variants(args, encoder)
+    x = make_input(args, encoder, device)
+
+    max_abs_diff, max_grad_diff = check_references(encoder, models, x)
+
+    compile_seconds = add_compiled(encoder, models, x) if args.compile else None
 
     for model in models.values():  # warm-up: allocator, kernels, autotuning
         timed(model, x, 1)
@@ -313,4 +324,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -4,6 +4,9 @@
                                    [--peak-tflops 989] [--grad-checkpointing] [--compile]
     python bench/gpu_audio_step.py --device cpu --steps 2 --batch 2     # CPU smoke run
 
+Without a GPU and without ``--device cpu`` it stops with one line saying so (an ImageBind-size
+step takes minutes on a CPU, so it does not fall back silently).
+
 The encoder is ``build_encoder("audio", 1024, "imagebind")`` (ViT-B: width 768, 12 blocks, 12
 heads, learned bias_k/bias_v, drop path 0.1) on random fbank input [B, 1, 128, 204] (12 x 19
 patches + CLS = 229 tokens) with random anchor embeddings, so the step is exactly what
@@ -21,7 +24,6 @@ over timed steps. The last stdout line is a JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,6 +36,7 @@ from accelerate import Accelerator
 # Runs from a checkout without `pip install -e .` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imagebind_lite.cli import OneLineArgumentParser, available_device, positive_int, run_script
 from imagebind_lite.modalities import build_encoder, resolve_size
 from imagebind_lite.train import (
     AlignmentModule,
@@ -95,27 +98,61 @@ def forward_flops_per_sample(encoder, embed_dim: int) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--device", default=None, help="default: cuda; cpu for a smoke run without a GPU"
+    )
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=None, help="default: 5 on GPU, 1 on CPU")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--size", default="imagebind", help="audio encoder size")
     parser.add_argument(
-        "--depth", type=int, default=None, help="override the number of blocks (quick tests)"
+        "--depth", type=positive_int, default=None, help="override the number of blocks"
     )
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
     return parser.parse_args(argv)
 
 
+def checked_device(args) -> torch.device:
+    """The device to run on; one-line errors for no GPU and bad values."""
+    if args.device is None and not torch.cuda.is_available():
+        # Not a silent fall-back: the ImageBind-size step takes minutes per step on a CPU.
+        raise ValueError(
+            "bench/gpu_audio_step.py: no CUDA GPU on this machine; pass --device cpu "
+            "(e.g. --device cpu --steps 2 --batch 2) for a CPU smoke run"
+        )
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup: must be at least 0, got {args.warmup}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops: must be positive, got {args.peak_tflops}")
+    return available_device(args.device or "cuda")
+
+
+def timed_steps(step, warmup: int, steps: int, device) -> tuple[float, list, list]:
+    """(warm-up seconds, per-step seconds, losses), synchronised per step."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        _sync(device)
+        begin = time.perf_counter()
+        losses.append(step())  # float(loss) synchronises too
+        _sync(device)
+        times.append(time.perf_counter() - begin)
+    return warmup_seconds, times, losses
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here (use --device cpu for a smoke test)")
+    device = checked_device(args)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.precision)
     device = accelerator.device
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
@@ -149,21 +186,7 @@ def main(argv=None) -> dict:
     def step() -> float:
         return train_step(ctx, batch)
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    warmup_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(args.steps):
-        _sync(device)
-        begin = time.perf_counter()
-        losses.append(step())  # float(loss) synchronises too
-        _sync(device)
-        times.append(time.perf_counter() - begin)
-
+    warmup_seconds, times, losses = timed_steps(step, warmup, args.steps, device)
     median = statistics.median(times)
     samples_per_second = args.batch / median
     train_flops_per_sample = 3 * flops["total"]
@@ -214,4 +237,4 @@ def _sync(device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

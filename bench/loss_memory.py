@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
-from imagebind_lite.cli import run_script  # noqa: E402
+from imagebind_lite.cli import OneLineArgumentParser, positive_int, run_script  # noqa: E402
 from imagebind_lite.loss import info_nce  # noqa: E402
 
 
@@ -72,14 +72,19 @@ def peak_mib(processes: int, cases: list[tuple[int, bool]], dim: int) -> list[fl
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, default=8)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=positive_int, default=8)
     parser.add_argument("--global-batch", default="512,1024,2048,4096")
-    parser.add_argument("--dim", type=int, default=1024, help="embedding size (ImageBind: 1024)")
+    parser.add_argument(
+        "--dim", type=positive_int, default=1024, help="embedding size (ImageBind: 1024)"
+    )
     args = parser.parse_args(argv)
     if not Path("/proc/self/clear_refs").exists():
         raise ValueError("bench/loss_memory.py reads Linux's /proc/self peak-memory counters")
-    sizes = [int(n) for n in args.global_batch.split(",")]
+    try:
+        sizes = [positive_int(n) for n in args.global_batch.split(",")]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --global-batch: {err} (sizes separated by commas)")
     if any(n % args.processes for n in sizes):
         raise ValueError(f"--global-batch: every size must divide by --processes {args.processes}")
     cases = [(n, local) for n in sizes for local in (False, True)]

@@ -11,6 +11,7 @@ torchaudio's default kernel and is written as PCM_16, as ESC-50 is. Deterministi
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,41 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+# Runs from a checkout without `pip install -e .` too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imagebind_lite.cli import (  # noqa: E402
+    OneLineArgumentParser,
+    existing_folder,
+    positive_int,
+    run_script,
+)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="folder of short recordings (WAV/FLAC)")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rate", type=int, default=44100)
+    parser.add_argument("--count", type=positive_int, default=200)
+    parser.add_argument("--seconds", type=positive_float, default=5.0)
+    parser.add_argument("--rate", type=positive_int, default=44100)
     args = parser.parse_args(argv)
-    sources = sorted(p for p in args.source.rglob("*") if p.suffix.lower() in {".wav", ".flac"})
+    source = existing_folder(args.source, "source")
+    sources = sorted(p for p in source.rglob("*") if p.suffix.lower() in {".wav", ".flac"})
     if not sources:
-        parser.error(f"no WAV or FLAC files under {args.source}")
+        raise FileNotFoundError(f"source: no WAV or FLAC files under {source}")
+    if args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"out: {args.out} is a file, not a folder")
     args.out.mkdir(parents=True, exist_ok=True)
     position = 0
     for index in range(args.count):
@@ -48,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

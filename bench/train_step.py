@@ -20,7 +20,6 @@ those robust figures and the configuration.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -30,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache
+from imagebind_lite.cli import OneLineArgumentParser, positive_int, run_script
 from imagebind_lite.config import AnchorConfig
 from imagebind_lite.data.avmnist import PairedAudioImages
 from imagebind_lite.data.datasets import collate
@@ -56,16 +57,23 @@ TEMPERATURE = 0.05
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--anchor", default="ViT-B-32", help="open_clip model (random weights)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--check-steps", type=int, default=3, help="steps of the loss check")
-    parser.add_argument("--images", type=int, default=96, help="distinct images (cache size)")
-    parser.add_argument("--clips", type=int, default=256, help="training clips")
+    parser.add_argument(
+        "--images", type=positive_int, default=96, help="distinct images (cache size)"
+    )
+    parser.add_argument("--clips", type=positive_int, default=256, help="training clips")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clips < args.batch:
+        parser.error(f"--clips {args.clips} is fewer than one --batch {args.batch}")
+    if args.anchor not in open_clip.list_models():
+        parser.error(f"--anchor: unknown open_clip model {args.anchor!r}")
+    return args
 
 
 def make_datasets(anchor: Anchor, images: int, clips: int, seed: int):
@@ -133,6 +141,32 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def measure(args, runs: dict, anchor) -> tuple[dict, dict, float]:
+    """Loss check, then alternating timed repeats: (rates, CPU time per sample, max loss diff)."""
+    # Same start, same order, same views: the loss curves must coincide.
+    losses = {
+        name: [run.step(anchor) for _ in range(args.check_steps)] for name, run in runs.items()
+    }
+    diffs = [abs(a - b) for a, b in zip(losses["uncached"], losses["cached"])]
+    max_diff = max(diffs) if diffs else 0.0
+    print(f"loss check over {args.check_steps} steps: max |diff| = {max_diff:.2e}")
+    print(f"  uncached {[f'{v:.6f}' for v in losses['uncached']]}")
+    print(f"  cached   {[f'{v:.6f}' for v in losses['cached']]}")
+
+    rates = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name, run in runs.items():
+            rate, cpu_per_sample = run.timed(anchor, args.steps, args.batch)
+            rates[name].append(rate)
+            cpu[name].append(cpu_per_sample)
+        print(
+            f"repeat {repeat}: uncached {rates['uncached'][-1]:.1f} samples/s, "
+            f"cached {rates['cached'][-1]:.1f} samples/s"
+        )
+    return rates, cpu, max_diff
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -155,27 +189,7 @@ def main(argv=None) -> dict:
             "uncached": Run(accelerator, encoder, plain_set, args.batch, args.seed),
             "cached": Run(accelerator, encoder, cached_set, args.batch, args.seed),
         }
-        # Same start, same order, same views: the loss curves must coincide.
-        losses = {
-            name: [run.step(anchor) for _ in range(args.check_steps)] for name, run in runs.items()
-        }
-        diffs = [abs(a - b) for a, b in zip(losses["uncached"], losses["cached"])]
-        max_diff = max(diffs) if diffs else 0.0
-        print(f"loss check over {args.check_steps} steps: max |diff| = {max_diff:.2e}")
-        print(f"  uncached {[f'{v:.6f}' for v in losses['uncached']]}")
-        print(f"  cached   {[f'{v:.6f}' for v in losses['cached']]}")
-
-        rates = {name: [] for name in runs}
-        cpu = {name: [] for name in runs}
-        for repeat in range(args.repeats):
-            for name, run in runs.items():
-                rate, cpu_per_sample = run.timed(anchor, args.steps, args.batch)
-                rates[name].append(rate)
-                cpu[name].append(cpu_per_sample)
-            print(
-                f"repeat {repeat}: uncached {rates['uncached'][-1]:.1f} samples/s, "
-                f"cached {rates['cached'][-1]:.1f} samples/s"
-            )
+        rates, cpu, max_diff = measure(args, runs, anchor)
     uncached = statistics.median(rates["uncached"])
     cached = statistics.median(rates["cached"])
     ratios = [c / u for c, u in zip(rates["cached"], rates["uncached"])]
@@ -236,4 +250,4 @@ def _machine(device) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -9,12 +9,18 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 from .bind import bind, combine
 from .config import BindConfig, ConfigError, load_config, resolve_config_arg, shipped_config
 from .train import train
 
 # Kept importable from here (scripts and tests): the shipped configs live in config.py.
 __all__ = [
+    "OneLineArgumentParser",
+    "available_device",
+    "existing_folder",
+    "positive_int",
     "one_line_errors",
     "resolve_config_arg",
     "run_script",
@@ -44,6 +50,50 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(f"config error: {one_line(err)}")
     except EXPECTED_ERRORS as err:
         sys.exit(f"error: {one_line(err)}")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors (an unknown option value, a missing or
+    malformed argument) are one line, ``error: SCRIPT: message``, and exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {self.prog}: {' '.join(message.split())}\n")
+        sys.exit(2)
+
+
+def existing_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a Path if it is a folder; else FileNotFoundError / NotADirectoryError
+    naming ``what`` (the argument) and the path."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{what}: no such folder: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} is a file, not a folder")
+    return folder
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (a count of steps, files, samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def available_device(text: str):
+    """``--device TEXT`` as a ``torch.device`` this machine has, else a one-line ValueError."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {text!r} (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: no CUDA GPU on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def run_script(main: Callable, ok: Callable = lambda result: True) -> None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -69,10 +70,31 @@ CASES = [
         ["--config", "nope.yaml", "--out", "cache"],
         "no shipped config 'nope.yaml'",
     ),
+    # bench/: argument errors and missing inputs, found before any benchmarking starts
+    ("bench/audio_preprocess.py", ["nowhere"], "folder: no such folder: nowhere"),
+    ("bench/audio_preprocess.py", ["data"], "data: no readable audio files"),
+    ("bench/audio_compare.py", ["HEAD", "nowhere"], "DIR: no such folder: nowhere"),
+    ("bench/audio_compare.py", ["no-such-rev", "data"], "at revision 'no-such-rev'"),
+    ("bench/make_long_audio.py", ["nowhere", "out"], "source: no such folder: nowhere"),
+    ("bench/make_long_audio.py", ["data", "out"], "no WAV or FLAC files under data"),
+    ("bench/encoder.py", ["--device", "nosuch"], "--device: unknown device 'nosuch'"),
+    ("bench/encoder.py", ["--modality", "nosuch"], "unknown modality 'nosuch'"),
+    # Without a GPU the ImageBind-size step says so rather than crawl on the CPU.
+    (
+        "bench/gpu_audio_step.py",
+        [] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+        "no CUDA GPU on this machine" if not torch.cuda.is_available() else "GPU(s)",
+    ),
+    ("bench/gpu_audio_step.py", ["--device", "cpu", "--precision", "fp8"], "invalid choice"),
+    ("bench/loss_memory.py", ["--global-batch", "512,abc"], "--global-batch: expected a whole"),
+    ("bench/train_step.py", ["--anchor", "nosuch"], "unknown open_clip model 'nosuch'"),
+    ("bench/manifest_cache.py", ["--clips", "4", "--batch", "8"], "fewer than one --batch"),
 ]
 
 
-@pytest.mark.parametrize("script, args, message", CASES, ids=[" ".join(c[1]) for c in CASES])
+@pytest.mark.parametrize(
+    "script, args, message", CASES, ids=[" ".join([c[0], *c[1]]) for c in CASES]
+)
 def test_bad_invocation_prints_one_line_and_writes_nothing(inputs, script, args, message):
     before = sorted(p.relative_to(inputs) for p in inputs.rglob("*"))
     proc = invoke(inputs, script, *args)
@@ -81,3 +103,24 @@ def test_bad_invocation_prints_one_line_and_writes_nothing(inputs, script, args,
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
     assert message in lines[0] and lines[0].startswith(("error: ", "config error: "))
     assert sorted(p.relative_to(inputs) for p in inputs.rglob("*")) == before  # nothing written
+
+
+def test_bench_arguments_fail_in_one_line_in_process(capsys):
+    """The parser the bench scripts share: a usage error is one line and exit status 2."""
+    from imagebind_lite.cli import OneLineArgumentParser, positive_int
+
+    parser = OneLineArgumentParser(prog="bench.py")
+    parser.add_argument("--steps", type=positive_int, default=1)
+    parser.add_argument("--mode", choices=("a", "b"), default="a")
+    assert parser.parse_args(["--steps", "3"]).steps == 3
+    for argv, message in [
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--steps", "two"], "argument --steps: expected a whole number, got 'two'"),
+        (["--mode", "c"], "argument --mode: invalid choice: 'c'"),
+        (["--nope"], "unrecognized arguments: --nope"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: bench.py: ") and message in err

@@ -454,3 +454,100 @@ def test_rgb_thermal_manifest_stats_cache_then_cached_training(tmp_path):
     assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # not NaN
     manifest = json.loads((tmp_path / "cache" / MANIFEST).read_text())
     assert manifest["complete"] and manifest["views"] == 2
+
+
+# ----------------------------------------------------------------------------- tar shards
+
+SHARD_PREPROCESS = (
+    "data.preprocess={num_clips: 1, clip_duration: 1.12, num_mel_bins: 64, target_length: 112}"
+)
+
+
+@pytest.fixture(scope="module")
+def audio_shards(tmp_path_factory):
+    """The audio manifest's 24 pairs as 3 tar shards of 8 (files left behind: shards only)."""
+    pytest.importorskip("webdataset")
+    from imagebind_lite.data.manifest import read_manifest
+    from imagebind_lite.data.shards import write_shards
+
+    base = tmp_path_factory.mktemp("shards")
+    root = audio_manifest(base / "data", n=24)
+    records, _ = read_manifest(root / "pairs.csv", root)
+    write_shards(records, root, base / "shards", shard_size=8)
+    return base / "shards"
+
+
+def shard_overrides(tmp_path, shards, anchor_file, access, *extra):
+    return tiny_overrides(
+        tmp_path,
+        "modality=audio",
+        "data.dataset=shards",
+        f"data.root={shards}",
+        f"data.options={{access: {access}, shuffle_buffer: 8}}",
+        SHARD_PREPROCESS,
+        f"anchor.pretrained={anchor_file}",
+        "data.batch_size=8",
+        "optim.epochs=2",
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("access", ["random", "stream"])
+def test_a_shards_dataset_caches_and_trains_as_uncached(
+    tmp_path, audio_shards, anchor_file, monkeypatch, access
+):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(audio_shards, shards)
+    common = shard_overrides(tmp_path, shards, anchor_file, access)
+    out = tmp_path / "cache"
+    report = cache_anchor.main(["--out", str(out), "--shard-size", "16", *common])
+    assert report["complete"] and report["entries"] == 24  # one view per sample
+    ids = AnchorCache.open(out).ids
+    assert ids[0].startswith("shard-000000.tar@") and ids[0].endswith("/000000000")
+    plain = train(load_config(None, [*common, "run_name=plain"]), quiet=True)
+
+    def no_anchor_forward(*_):
+        raise AssertionError("the anchor ran on images although a cache was given")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Anchor, "encode_image", no_anchor_forward)
+        cached_cfg = load_config(None, [*common, "run_name=cached", f"anchor.cache={out}"])
+        cached = train(cached_cfg, quiet=True)
+    assert plain["steps"] == cached["steps"] == 6
+    assert abs(plain["final_loss"] - cached["final_loss"]) < 1e-5
+    a = load_file(str(tmp_path / "plain/model/model.safetensors"))
+    b = load_file(str(tmp_path / "cached/model/model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+    # A shard rewritten after caching (here with the same bytes: a new mtime) holds new
+    # views: its 8 entries are refused, in one line naming the shard; the others still match.
+    tar = shards / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes())
+    with pytest.raises(StaleCacheError, match=r"lacks 8 of the 24 views .*shard-000001\.tar@"):
+        train(load_config(None, [*common, "run_name=stale", f"anchor.cache={out}"]), quiet=True)
+
+
+def test_two_processes_cache_a_shard_stream(tmp_path, audio_shards, anchor_file):
+    """Round-robin over processes on a streamed shards config: the ids are enumerated from
+    shards.json (the same for random access and streams), so each rank embeds its own runs."""
+    stream = shard_overrides(tmp_path, audio_shards, anchor_file, "stream")
+    random_access = shard_overrides(tmp_path, audio_shards, anchor_file, "random")
+    single = tmp_path / "single"
+    cache_anchor.main(["--out", str(single), "--shard-size", "8", *random_access])
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "train/cache_anchor.py", "--out", str(out)]
+    cmd += ["--shard-size", "8", *stream]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["complete"] and summary["entries"] == 24
+    assert summary["computed_by_rank"] == {"0": [0, 2], "1": [1]}
+    two, one = AnchorCache.open(out), AnchorCache.open(single)
+    assert two.ids == one.ids
+    torch.testing.assert_close(two.embeddings, one.embeddings, rtol=0, atol=1e-6)

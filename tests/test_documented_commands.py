@@ -306,6 +306,11 @@ COMMANDS = {
     "accelerate launch train/align_audio.py anchor.cache=caches/avmnist": Run(
         {"caches/avmnist": "anchor_cache"}, AUDIO
     ),
+    # the manifest row of the speed table: a few pairs, one timed step, the small anchor
+    "python bench/manifest_cache.py": Run(
+        extra="--clips 16 --batch 8 --steps 1 --repeats 1 --check-steps 1 --image-size 32 "
+        "anchor.model=tiny-clip-32 anchor.model_config=imagebind_lite:tiny-clip-32"
+    ),
 }
 
 

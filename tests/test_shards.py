@@ -125,3 +125,35 @@ def test_registered_shards_dataset_trains(written, tmp_path, anchor):
     saved = json.loads((tmp_path / "runs/depth-shards/metrics.json").read_text())
     assert saved["steps"] == 2 and saved["data_access"] == "stream"
     assert metrics["skipped_total"] == 0
+
+
+def test_aligned_crops_cache_k_seeded_views_named_by_shard_and_key(written, tmp_path, anchor):
+    """Depth crops aligned with the RGB image: K views per sample, the same view (the same crop
+    on both sides) whether the sample is read by random access or from a stream."""
+    from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache
+
+    root, out, _ = written
+    sampler = sampler_for(tiny_depth_config(tmp_path, root), anchor)
+    dataset = ShardDataset(out, sampler, True, seed=3)
+    assert dataset.max_anchor_views is None  # a continuum of crops: K must be chosen
+    report = write_anchor_cache(anchor, dataset, tmp_path / "cache", views=2, shard_size=6)
+    assert report["entries"] == 16 and report["shards"] == 3
+    wrapped = attach_anchor_cache(dataset, tmp_path / "cache", anchor)
+    stream = ShardStream(out, sampler, True, seed=3, epoch_size=12)
+    stream.use_anchor_views(2)
+    by_view = {}
+    for i in range(8):
+        sample = wrapped[i]
+        view_id = dataset[i]["view_id"]
+        assert view_id.startswith(f"shard-00000{i // 3}.tar@") and "#" in view_id
+        expected = anchor.encode_image(dataset.anchor_input(view_id)[None])[0]
+        torch.testing.assert_close(sample["anchor_embedding"], expected, rtol=0, atol=1e-5)
+        by_view[view_id] = sample["depth"]
+    streamed = [stream[i] for i in range(12)]
+    shared = [s for s in streamed if s["view_id"] in by_view]
+    assert shared  # the draws overlap; a view is one crop, however it is read
+    for s in shared:
+        assert torch.equal(s["depth"], by_view[s["view_id"]])
+    assert {s["view_id"].rpartition("#")[0] for s in streamed} <= {
+        v.rpartition("#")[0] for v in dataset.anchor_view_ids(2)
+    }

@@ -28,6 +28,9 @@ Reading: the registered dataset ``shards`` (``data.dataset=shards``, ``data.root
                       sample indices only feed per-sample augmentation, so a resumed run draws
                       other (equally random) samples than the interrupted one would have.
 
+Anchor cache (``anchor.cache=DIR``, imagebind_lite/cache.py): both access modes implement the
+protocol through :class:`ShardAccess`; view ids are ``SHARD@SIZE:MTIME_NS/KEY`` (see there).
+
 Evaluation: ``data.options.eval_shards=DIR2`` (random access) or ``eval_manifest`` (files under
 ``data.options.eval_root``). DataLoader workers (``data.num_workers``) decode in parallel; the
 loop pins memory on GPUs and keeps workers persistent, so each worker's open shard files and
@@ -43,10 +46,12 @@ import os
 import shutil
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from . import bad_input as bi
@@ -58,6 +63,11 @@ from .transforms import STATS_FILE
 INDEX_FILE = "shards.json"
 META_KEY = "json"
 MAX_TAR_ERRORS = 100
+
+
+def member_key(number: int) -> str:
+    """The tar key of the ``number``-th sample written (running over all shards of a folder)."""
+    return f"{number:09d}"
 
 
 def _webdataset():
@@ -93,7 +103,7 @@ def write_shards(
     pattern = str(out / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=int(shard_size), verbose=0) as writer:
         for record in records:
-            sample = {"__key__": f"{n:09d}"}
+            sample = {"__key__": member_key(n)}
             try:
                 for key, path in record.paths.items():
                     if wanted is not None and key not in wanted:
@@ -152,9 +162,9 @@ def read_index(directory: str | Path) -> dict:
     return index
 
 
-def scan_tar(path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Samples of a tar in order: {field: (data offset, size)}, grouped by key like webdataset."""
-    samples: list[dict[str, tuple[int, int]]] = []
+def scan_tar_keyed(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Samples of a tar in order: (key, {field: (data offset, size)}), grouped like webdataset."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     last_key = None
     with tarfile.open(path, "r:") as tar:
         for member in tar:
@@ -166,10 +176,15 @@ def scan_tar(path: str | Path) -> list[dict[str, tuple[int, int]]]:
             key, field = base.split(".", 1)
             key = os.path.join(os.path.dirname(member.name), key)
             if key != last_key:
-                samples.append({})
+                samples.append((key, {}))
                 last_key = key
-            samples[-1][field] = (member.offset_data, member.size)
+            samples[-1][1][field] = (member.offset_data, member.size)
     return samples
+
+
+def scan_tar(path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Samples of a tar in order: {field: (data offset, size)}, grouped by key like webdataset."""
+    return [fields for _, fields in scan_tar_keyed(path)]
 
 
 def fields_to_sample(fields: dict[str, bytes], where: str):
@@ -198,24 +213,169 @@ def fields_to_sample(fields: dict[str, bytes], where: str):
     return record, blobs
 
 
-def _decode(
-    sampler, record: Record, blobs: dict, train: bool, generator, vision: bool = True
-) -> dict:
+def _sources(sampler, record: Record, blobs: dict, vision: bool) -> dict:
     sources = {}
-    for key in sampler.needs(vision or train):
+    for key in sampler.needs(vision):
         if key not in blobs:
             raise BadSample("missing", f"sample {record.id}: no {key} file in the shard")
         sources[key] = blobs[key]
     for key in mf.EXTRA_PATHS:
         if key in blobs:
             sources[key] = blobs[key]
-    sample = sampler(sources, record.meta, train, generator)
+    return sources
+
+
+def _finish(sample: dict, record: Record) -> dict:
     sample["label"] = record.label if isinstance(record.label, int) else -1
     sample["id"] = record.id
     return sample
 
 
-class ShardDataset(EpochRandom, Dataset):
+def _decode(
+    sampler, record: Record, blobs: dict, train: bool, generator, vision: bool = True
+) -> dict:
+    sources = _sources(sampler, record, blobs, vision or train)
+    return _finish(sampler(sources, record.meta, train, generator), record)
+
+
+class ShardAccess:
+    """Random access to single samples of the shards of ``self.directory`` (file handles and
+    header scans per process), and on it the anchor-cache protocol (imagebind_lite/cache.py)
+    that both access modes share.
+
+    A view id names the anchor's input as ``SHARD@SIZE:MTIME_NS/KEY``: the shard file, its size
+    and modification time, and the sample's tar key (``#k`` appended for the K seeded views of
+    crops aligned with a depth/thermal image). A rewritten shard gets new ids for all its
+    samples, so a cache of the old one is refused, while the ids are enumerated from
+    ``shards.json`` and one ``stat`` per shard, without reading any tar: cheap at AudioSet scale,
+    where hashing member contents would read every byte of every shard at each start. Random
+    access and streams give the same ids, so one cache serves both. The keys enumerated are
+    ``write_shards``' running numbers (:func:`member_key`); a shard keyed otherwise fails at
+    caching, in ``anchor_input``, naming the key it lacks.
+    """
+
+    directory: Path
+    index: dict
+
+    def _init_access(self, sampler) -> None:
+        self.max_anchor_views = 1 if sampler.paired is None else None
+        self.anchor_views: int | None = None
+        self._pid = None
+        self._identities: dict[int, str] = {}
+
+    def _state(self):
+        # Open files and header scans belong to one process: a forked worker starts afresh.
+        if self._pid != os.getpid():
+            self._pid, self._members, self._files, self._positions = os.getpid(), {}, {}, {}
+        return self._members, self._files
+
+    def _scan(self, shard: int) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+        members, _ = self._state()
+        if shard not in members:
+            name = self.index["shards"][shard]
+            members[shard] = scan_tar_keyed(self.directory / name)
+            if len(members[shard]) != self.index["counts"][shard]:
+                raise RuntimeError(
+                    f"{name}: {len(members[shard])} samples, but {INDEX_FILE} "
+                    f"says {self.index['counts'][shard]}; rewrite the shards"
+                )
+        return members[shard]
+
+    def _fields(self, shard: int, position: int) -> tuple[str, dict[str, bytes]]:
+        key, offsets = self._scan(shard)[position]
+        _, files = self._state()
+        if shard not in files:
+            if len(files) >= 16:
+                files.pop(next(iter(files))).close()
+            name = self.index["shards"][shard]
+            files[shard] = open(self.directory / name, "rb")  # noqa: SIM115 - cached handle
+        handle = files[shard]
+        out = {}
+        for field, (offset, size) in offsets.items():
+            handle.seek(offset)
+            out[field] = handle.read(size)
+        return key, out
+
+    # ---------------------------------------------------------------- the anchor-cache protocol
+
+    def _shard_identity(self, shard: int) -> str:
+        """``SHARD@SIZE:MTIME_NS``, taken once per dataset (``anchor_view_ids`` refreshes it)."""
+        if shard not in self._identities:
+            name = self.index["shards"][shard]
+            stat = (self.directory / name).stat()
+            self._identities[shard] = f"{name}@{stat.st_size}:{stat.st_mtime_ns}"
+        return self._identities[shard]
+
+    def _shard_number(self, name: str) -> int | None:
+        if not hasattr(self, "_numbers"):
+            self._numbers = {n: i for i, n in enumerate(self.index["shards"])}
+        return self._numbers.get(name)
+
+    def _view_generator(self, name: str, key: str, view: int) -> torch.Generator:
+        sample = zlib.crc32(f"{name}/{key}".encode())
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + sample) * 1_009 + view)
+
+    def use_anchor_views(self, views: int | None) -> None:
+        self.anchor_views = views
+
+    def anchor_view_ids(self, views: int = 1) -> list[str]:
+        """Every sample of every shard, in shard order (cache shards then cover consecutive tar
+        shards, so the processes of cache_anchor.py read disjoint runs of tar files)."""
+        self._identities = {}
+        ids, number = [], 0
+        for shard, count in enumerate(self.index["counts"]):
+            identity = self._shard_identity(shard)
+            for _ in range(count):
+                base = f"{identity}/{member_key(number)}"
+                number += 1
+                ids.extend(
+                    [base] if self.max_anchor_views == 1 else [f"{base}#{k}" for k in range(views)]
+                )
+        return ids
+
+    def anchor_input(self, view_id: str) -> torch.Tensor:
+        base, _, view = view_id.partition("#")
+        identity, _, key = base.rpartition("/")
+        name = identity.rpartition("@")[0]
+        shard = self._shard_number(name)
+        if shard is None or self._shard_identity(shard) != identity:
+            raise KeyError(
+                f"{self.directory}: no shard {identity} (the shard was rewritten or is gone)"
+            )
+        self._state()
+        if shard not in self._positions:
+            self._positions[shard] = {k: i for i, (k, _) in enumerate(self._scan(shard))}
+        position = self._positions[shard].get(key)
+        if position is None:
+            raise KeyError(f"{self.directory / name}: no sample with key {key!r}")
+        record, blobs = fields_to_sample(self._fields(shard, position)[1], f"{name}#{key}")
+        if self.max_anchor_views == 1:
+            return self.sampler._vision(_sources(self.sampler, record, blobs, True)["vision"])
+        sources = _sources(self.sampler, record, blobs, True)
+        generator = self._view_generator(name, key, int(view))
+        return self.sampler(sources, record.meta, True, generator)["vision"]
+
+    def _cached_view_sample(self, shard: int, key: str, record: Record, blobs: dict, generator):
+        """Cache mode: the modality side as training draws it, and the id of the anchor view
+        it pairs with (one of K seeded views per sample for aligned crops)."""
+        name = self.index["shards"][shard]
+        identity = f"{self._shard_identity(shard)}/{key}"
+        sources = _sources(self.sampler, record, blobs, True)
+        if self.max_anchor_views == 1:
+            # The same draws as the uncached read, which takes the modality's first.
+            modality = self.sampler.modality
+            x = self.sampler._modality(sources[modality], True, generator)
+            sample = {modality: x, "view_id": identity}
+        else:
+            view = int(torch.randint(self.anchor_views, (), generator=generator))
+            generator = self._view_generator(name, key, view)
+            sample = self.sampler(sources, record.meta, True, generator)
+            sample.pop("vision")
+            sample["view_id"] = f"{identity}#{view}"
+        return _finish(sample, record)
+
+
+class ShardDataset(ShardAccess, EpochRandom, Dataset):
     """Random access into tar shards (map-style)."""
 
     def __init__(self, directory: str | Path, sampler, train: bool, seed: int = 0):
@@ -226,7 +386,7 @@ class ShardDataset(EpochRandom, Dataset):
             self.starts.append(self.starts[-1] + count)
         self.sampler, self.train, self.seed = sampler, train, seed
         self.vision = "vision" in self.index["keys"]
-        self._pid = None
+        self._init_access(sampler)
 
     def eval_mode(self) -> ShardDataset:
         """The same samples read as evaluation reads them (no augmentation, centre crops)."""
@@ -237,45 +397,21 @@ class ShardDataset(EpochRandom, Dataset):
     def __len__(self) -> int:
         return self.index["num_samples"]
 
-    def _state(self):
-        # Open files and header scans belong to one process: a forked worker starts afresh.
-        if self._pid != os.getpid():
-            self._pid, self._members, self._files = os.getpid(), {}, {}
-        return self._members, self._files
-
-    def _fields(self, shard: int, position: int) -> dict[str, bytes]:
-        members, files = self._state()
-        name = self.index["shards"][shard]
-        if shard not in members:
-            members[shard] = scan_tar(self.directory / name)
-            if len(members[shard]) != self.index["counts"][shard]:
-                raise RuntimeError(
-                    f"{name}: {len(members[shard])} samples, but {INDEX_FILE} "
-                    f"says {self.index['counts'][shard]}; rewrite the shards"
-                )
-        if shard not in files:
-            if len(files) >= 16:
-                files.pop(next(iter(files))).close()
-            files[shard] = open(self.directory / name, "rb")  # noqa: SIM115 - cached handle
-        handle = files[shard]
-        out = {}
-        for field, (offset, size) in members[shard][position].items():
-            handle.seek(offset)
-            out[field] = handle.read(size)
-        return out
-
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
         shard = bisect.bisect_right(self.starts, index) - 1
         position = index - self.starts[shard]
         where = f"{self.index['shards'][shard]}#{position}"
-        record, blobs = fields_to_sample(self._fields(shard, position), where)
+        key, fields = self._fields(shard, position)
+        record, blobs = fields_to_sample(fields, where)
         generator = self.generator(index) if self.train else None
+        if self.anchor_views is not None and self.train:
+            return self._cached_view_sample(shard, key, record, blobs, generator)
         return _decode(self.sampler, record, blobs, self.train, generator, self.vision)
 
 
-class ShardStream(EpochRandom, Dataset):
+class ShardStream(ShardAccess, EpochRandom, Dataset):
     """Resampled shards streamed per rank and worker, behind the map-style interface the loop
     needs (``len`` and indices): ``__getitem__`` returns the next streamed sample, using the
     index only for its augmentation generator."""
@@ -297,6 +433,7 @@ class ShardStream(EpochRandom, Dataset):
         self.epoch_size = int(epoch_size or self.index["num_samples"])
         self._stream_key = None
         self._failures = 0
+        self._init_access(sampler)
 
     def _tar_error(self, exn: Exception) -> bool:
         """webdataset's handler for unreadable tar data: warn and go on, but not forever."""
@@ -313,7 +450,7 @@ class ShardStream(EpochRandom, Dataset):
         """The stream's samples without augmentation (still resampled: a stream has no fixed
         order), from a stream of its own."""
         view = copy.copy(self)
-        view.train, view._stream_key, view._failures = False, None, 0
+        view.train, view._stream_key, view._failures, view._pid = False, None, 0, None
         return view
 
     def __len__(self) -> int:
@@ -352,6 +489,11 @@ class ShardStream(EpochRandom, Dataset):
             {k: v for k, v in fields.items() if not k.startswith("__")}, where
         )
         generator = self.generator(index) if self.train else None
+        if self.anchor_views is not None and self.train:
+            shard = self._shard_number(os.path.basename(fields.get("__url__", "")))
+            if shard is None:
+                raise RuntimeError(f"{where}: streamed from a shard not in {INDEX_FILE}")
+            return self._cached_view_sample(shard, fields["__key__"], record, blobs, generator)
         return _decode(self.sampler, record, blobs, self.train, generator)
 
 
