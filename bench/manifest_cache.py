@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install -e .` too
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_step import Run, _machine  # noqa: E402
+from train_step import Run, _machine, measure  # noqa: E402
 
 from imagebind_lite.anchor import Anchor  # noqa: E402
 from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache  # noqa: E402
@@ -118,32 +118,6 @@ def build(root: Path, overrides: list[str], accelerator):
         "audio", anchor.embed_dim, cfg.encoder.size, cfg.encoder.overrides, preprocess, 0.05
     )
     return cfg, anchor, plain, for_cache, encoder
-
-
-def measure(args, runs: dict, anchor) -> tuple[dict, dict, float]:
-    """Loss check, then alternating timed repeats: (rates, cpu per sample, max loss diff)."""
-    losses = {name: [] for name in runs}
-    for name, run in runs.items():
-        for step in range(args.check_steps):
-            # The encoder's own draws (SpecAugment masks of configs/audio.yaml) come from the
-            # global generator: seed it per step, as the training loop does.
-            torch.manual_seed(args.seed * 1_000_003 + step)
-            losses[name].append(run.step(anchor))
-    diffs = [abs(a - b) for a, b in zip(losses["uncached"], losses["cached"])]
-    max_diff = max(diffs) if diffs else 0.0
-    print(f"loss check over {args.check_steps} steps: max |diff| = {max_diff:.2e}")
-    rates = {name: [] for name in runs}
-    cpu = {name: [] for name in runs}
-    for repeat in range(args.repeats):
-        for name, run in runs.items():
-            rate, cpu_per_sample = run.timed(anchor, args.steps, args.batch)
-            rates[name].append(rate)
-            cpu[name].append(cpu_per_sample)
-        print(
-            f"repeat {repeat}: uncached {rates['uncached'][-1]:.2f} samples/s, "
-            f"cached {rates['cached'][-1]:.2f} samples/s"
-        )
-    return rates, cpu, max_diff
 
 
 def main(argv=None) -> dict:

@@ -143,10 +143,13 @@ def _sync(device) -> None:
 
 def measure(args, runs: dict, anchor) -> tuple[dict, dict, float]:
     """Loss check, then alternating timed repeats: (rates, CPU time per sample, max loss diff)."""
-    # Same start, same order, same views: the loss curves must coincide.
-    losses = {
-        name: [run.step(anchor) for _ in range(args.check_steps)] for name, run in runs.items()
-    }
+    # Same start, same order, same views: the loss curves must coincide. The encoder's own
+    # draws (SpecAugment masks) come from the global generator: seeded per step, as in training.
+    losses = {name: [] for name in runs}
+    for name, run in runs.items():
+        for step in range(args.check_steps):
+            torch.manual_seed(args.seed * 1_000_003 + step)
+            losses[name].append(run.step(anchor))
     diffs = [abs(a - b) for a, b in zip(losses["uncached"], losses["cached"])]
     max_diff = max(diffs) if diffs else 0.0
     print(f"loss check over {args.check_steps} steps: max |diff| = {max_diff:.2e}")

@@ -363,12 +363,9 @@ def manifest_overrides(tmp_path, root, anchor_file, *extra):
     )
 
 
-def test_a_manifest_dataset_caches_and_trains_as_uncached(tmp_path, anchor_file, monkeypatch):
-    root = audio_manifest(tmp_path / "data")
-    common = manifest_overrides(tmp_path, root, anchor_file)
-    out = tmp_path / "cache"
-    report = cache_anchor.main(["--out", str(out), "--shard-size", "16", *common])
-    assert report["complete"] and report["entries"] == 32  # one view per image file
+def train_plain_and_cached(tmp_path, common, cache, monkeypatch, steps):
+    """Train without and with the cache (the anchor forbidden to run): the same steps, loss and
+    weights."""
     plain = train(load_config(None, [*common, "run_name=plain"]), quiet=True)
 
     def no_anchor_forward(*_):
@@ -376,14 +373,23 @@ def test_a_manifest_dataset_caches_and_trains_as_uncached(tmp_path, anchor_file,
 
     with monkeypatch.context() as patch:
         patch.setattr(Anchor, "encode_image", no_anchor_forward)
-        cached_cfg = load_config(None, [*common, "run_name=cached", f"anchor.cache={out}"])
+        cached_cfg = load_config(None, [*common, "run_name=cached", f"anchor.cache={cache}"])
         cached = train(cached_cfg, quiet=True)
-    assert plain["steps"] == cached["steps"] == 8
+    assert plain["steps"] == cached["steps"] == steps
     assert abs(plain["final_loss"] - cached["final_loss"]) < 1e-5
     a = load_file(str(tmp_path / "plain/model/model.safetensors"))
     b = load_file(str(tmp_path / "cached/model/model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_a_manifest_dataset_caches_and_trains_as_uncached(tmp_path, anchor_file, monkeypatch):
+    root = audio_manifest(tmp_path / "data")
+    common = manifest_overrides(tmp_path, root, anchor_file)
+    out = tmp_path / "cache"
+    report = cache_anchor.main(["--out", str(out), "--shard-size", "16", *common])
+    assert report["complete"] and report["entries"] == 32  # one view per image file
+    train_plain_and_cached(tmp_path, common, out, monkeypatch, steps=8)
 
     # An image edited after caching is a new view: its entry is refused, named by file.
     from PIL import Image
@@ -506,21 +512,7 @@ def test_a_shards_dataset_caches_and_trains_as_uncached(
     assert report["complete"] and report["entries"] == 24  # one view per sample
     ids = AnchorCache.open(out).ids
     assert ids[0].startswith("shard-000000.tar@") and ids[0].endswith("/000000000")
-    plain = train(load_config(None, [*common, "run_name=plain"]), quiet=True)
-
-    def no_anchor_forward(*_):
-        raise AssertionError("the anchor ran on images although a cache was given")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Anchor, "encode_image", no_anchor_forward)
-        cached_cfg = load_config(None, [*common, "run_name=cached", f"anchor.cache={out}"])
-        cached = train(cached_cfg, quiet=True)
-    assert plain["steps"] == cached["steps"] == 6
-    assert abs(plain["final_loss"] - cached["final_loss"]) < 1e-5
-    a = load_file(str(tmp_path / "plain/model/model.safetensors"))
-    b = load_file(str(tmp_path / "cached/model/model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+    train_plain_and_cached(tmp_path, common, out, monkeypatch, steps=6)
 
     # A shard rewritten after caching (here with the same bytes: a new mtime) holds new
     # views: its 8 entries are refused, in one line naming the shard; the others still match.
