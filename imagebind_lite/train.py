@@ -10,8 +10,10 @@ accumulation that keeps the whole effective batch as negatives), and the zero-sh
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +180,15 @@ class AlignmentObjective(Objective):
     temperature: float
     accum: int = 1
     local: bool = False  # loss.local: this process's rows against the global batch
+    # data.preprocess.features_on=device: batch input -> model input, on the device.
+    prepare: Callable | None = None
 
     def backward(self, ctx: StepContext, batch: dict) -> float:
         accelerator, model, accum = ctx.accelerator, ctx.model, self.accum
         inputs = batch[self.modality]
+        if self.prepare is not None:
+            with torch.no_grad():
+                inputs = self.prepare(inputs)
         with torch.no_grad():
             anchor_emb = anchor_embeddings(self.anchor, batch)
         if accum == 1:
@@ -200,6 +207,24 @@ class AlignmentObjective(Objective):
                 loss = info_nce(emb, anchor_emb, self.temperature, local=self.local)
                 accelerator.backward(loss)
         return float(loss.detach())
+
+
+def device_feature_step(spec, cfg: TrainConfig, accelerator: Accelerator) -> Callable | None:
+    """``data.preprocess.features_on: device``: the step's feature computation, else None."""
+    options = {**spec.preprocess, **cfg.data.preprocess}
+    where = options.get("features_on") or "worker"
+    if where not in ("worker", "device"):
+        raise ConfigError(f"data.preprocess.features_on: expected worker or device, got {where!r}")
+    if where == "worker":
+        return None
+    if spec.device_features is None:
+        raise ConfigError(
+            f"data.preprocess.features_on=device: modality {spec.name!r} has no device features"
+        )
+    # Masks are drawn on the device from a generator of its own, one stream per process.
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
+    return functools.partial(spec.device_features, options=options, train=True, generator=generator)
 
 
 def anchor_embeddings(anchor: Anchor, batch: dict) -> torch.Tensor:
@@ -276,7 +301,12 @@ class AlignmentTask(Task):
         if cfg.encoder.compile:
             model = torch.compile(model)
         objective = AlignmentObjective(
-            self.anchor, cfg.modality, self.temperature, cfg.optim.grad_accum, cfg.loss.local
+            self.anchor,
+            cfg.modality,
+            self.temperature,
+            cfg.optim.grad_accum,
+            cfg.loss.local,
+            device_feature_step(spec, cfg, accelerator),
         )
         groups = param_groups(model, cfg.optim.weight_decay)
         return TaskParts(model, groups, self.bundle.train, objective, collate)
