@@ -2,8 +2,8 @@
 
     python bench/feed.py [--feed worker|device|features] [--workers 2] [--device cuda]
                          [--encoder-size imagebind] [--batch B] [--steps 3] [--warmup 1]
-                         [--precision bf16] [--clips 256] [--preprocess KEY=VALUE ...]
-                         [--shards DIR]
+                         [--repeats 1] [--precision bf16] [--clips 256] [--config CONFIG]
+                         [--preprocess KEY=VALUE ...] [--shards DIR]
     python bench/feed.py --encoder-size tiny --steps 2 --batch 4 --clips 16   # smoke run
 
 Fed: DataLoader workers (``--workers``; 0 decodes in the training process) read webdataset
@@ -19,11 +19,17 @@ training). Without ``--shards`` the shards are written here from the shipped FSD
 ``features``  feature shards (``write_shards.py --features``): workers read fp16 features and
               mask them; no decoding (with ``--shards``, the folder must hold such shards)
 
+Preprocessing: the audio modality's defaults (ImageBind's 3 clips of 128 x 204), then a config's
+``data.preprocess`` (``--config configs/audio.yaml``: the default recipe's 1 clip of 64 x 112
+with per-utterance normalisation) and ``--preprocess`` options.
+
 Ceiling: the same model and step (forward, InfoNCE, backward, clip, AdamW; bf16 autocast on a
-GPU) on one fed batch's finished features and embeddings, already on the device. Both are timed
-over ``--steps`` steps after ``--warmup`` (the fed warm-up also starts the workers), ceiling
-first; ``fed_ratio`` = fed / ceiling. On a shared CPU the workers compete with the step for the
-same cores, which is part of what is measured; the load average is recorded.
+GPU) on one fed batch's finished features and embeddings, already on the device. Each of
+``--repeats`` rounds times ``--steps`` ceiling steps, then ``--steps`` fed steps, each after
+untimed steps (``--warmup``; for the fed steps at least two per worker, which drain the batches
+prefetched meanwhile); figures are medians over rounds and ``fed_ratio`` the median of the
+rounds' fed / ceiling. On a shared CPU the workers compete with the step for the same cores,
+which is part of what is measured; the load average is recorded.
 
 The last stdout line is a JSON object: fed_samples_per_second, ceiling_samples_per_second,
 fed_ratio, workers, device, feed, batch, steps, encoder, shards, preprocess and more.
@@ -39,6 +45,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -58,7 +65,7 @@ from train_step import _machine  # noqa: E402
 from imagebind_lite.anchor import Anchor  # noqa: E402
 from imagebind_lite.cache import AnchorCache, write_anchor_cache  # noqa: E402
 from imagebind_lite.cli import run_script  # noqa: E402
-from imagebind_lite.config import AnchorConfig  # noqa: E402
+from imagebind_lite.config import AnchorConfig, load_config, resolve_config_arg  # noqa: E402
 from imagebind_lite.data import avmnist  # noqa: E402
 from imagebind_lite.data import bad_input as bi  # noqa: E402
 from imagebind_lite.data.adapters import Record  # noqa: E402
@@ -95,15 +102,21 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 2 on CPU")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating timed rounds")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "no"], help="GPU only")
     parser.add_argument("--clips", type=int, default=256, help="FSDD clips in written shards")
+    parser.add_argument("--config", help="a config whose data.preprocess to use")
     parser.add_argument(
-        "--preprocess", action="append", default=[], metavar="KEY=VALUE", help="data.preprocess"
+        "--preprocess",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data.preprocess option (after --config's)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.workers < 0 or args.steps < 1 or args.warmup < 0 or args.clips < 1:
-        raise ValueError("--workers, --warmup must be >= 0 and --steps, --clips >= 1")
+    if min(args.workers, args.warmup) < 0 or min(args.steps, args.clips, args.repeats) < 1:
+        raise ValueError("--workers, --warmup must be >= 0 and --steps, --clips, --repeats >= 1")
     if args.batch is None:
         args.batch = 64 if torch.device(args.device).type == "cuda" else 2
     if args.batch < 1:
@@ -249,6 +262,24 @@ def timed(step, batches_iter, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
+def time_rounds(args, ceiling_step, fixed, fed_step, stream, device):
+    """Per round, samples/s of the ceiling and then of the fed step: (ceilings, feds).
+
+    Alternating rounds lets load from other processes hit both alike. While the ceiling runs,
+    the workers fill their prefetch queue and then idle; the fed round first runs untimed
+    steps that drain it (at least 2 per worker, the DataLoader's prefetch), so that only
+    steady-state feeding is timed.
+    """
+    settle = max(args.warmup, 2 * args.workers)
+    ceilings, feds = [], []
+    for _ in range(args.repeats):
+        timed(ceiling_step, fixed, args.warmup, device)
+        ceilings.append(args.steps * args.batch / timed(ceiling_step, fixed, args.steps, device))
+        timed(fed_step, stream, settle, device)
+        feds.append(args.steps * args.batch / timed(fed_step, stream, args.steps, device))
+    return ceilings, feds
+
+
 def on_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
@@ -307,16 +338,14 @@ def measure(args, directory: Path, feed: str, preprocess: dict, work: Path) -> d
         return train_step(ceiling_ctx, batch)
 
     load_before = os.getloadavg()[0]
-    timed(ceiling_step, fixed, args.warmup, device)
-    ceiling_seconds = timed(ceiling_step, fixed, args.steps, device)
-    timed(fed_step, stream, args.warmup, device)
-    fed_seconds = timed(fed_step, stream, args.steps, device)
-    samples = args.steps * args.batch
-    fed, ceiling = samples / fed_seconds, samples / ceiling_seconds
+    ceiling, fed = time_rounds(args, ceiling_step, fixed, fed_step, stream, device)
     return {
-        "fed_samples_per_second": fed,
-        "ceiling_samples_per_second": ceiling,
-        "fed_ratio": fed / ceiling,
+        "fed_samples_per_second": statistics.median(fed),
+        "ceiling_samples_per_second": statistics.median(ceiling),
+        "fed_ratio": statistics.median(f / c for f, c in zip(fed, ceiling)),
+        "fed_samples_per_second_all": fed,
+        "ceiling_samples_per_second_all": ceiling,
+        "repeats": args.repeats,
         "workers": args.workers,
         "device": str(device),
         "machine": _machine(device),
@@ -342,7 +371,10 @@ def main(argv=None) -> dict:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here (use --device cpu)")
     spec = get_modality(MODALITY)
-    base = {**spec.preprocess, **parse_key_values(args.preprocess, "--preprocess")}
+    base = dict(spec.preprocess)
+    if args.config:
+        base.update(load_config(resolve_config_arg(args.config, None)).data.preprocess)
+    base.update(parse_key_values(args.preprocess, "--preprocess"))
     base.pop("features_on", None)  # --feed says where features are made
     with tempfile.TemporaryDirectory(prefix="bench-feed-") as folder:
         work = Path(folder)

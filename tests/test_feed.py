@@ -109,8 +109,8 @@ def test_packed_clips_need_workers_to_stop_before_the_fbank():
 # ------------------------------------------------------------------------- feature shards
 
 
-def write_pairs(root, files=FILES):
-    """A manifest of FSDD clips, each with a small image: pairs.csv under ``root``."""
+def write_pairs(root, files=FILES, manifest="pairs.csv"):
+    """A manifest of FSDD clips, each with a small image, under ``root``."""
     (root / "audio").mkdir(parents=True)
     (root / "vision").mkdir()
     lines = ["id,audio,vision,label,split"]
@@ -118,7 +118,7 @@ def write_pairs(root, files=FILES):
         shutil.copyfile(path, root / "audio" / path.name)
         Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(root / f"vision/{i}.png")
         lines.append(f"{path.stem},audio/{path.name},vision/{i}.png,{path.stem[0]},train")
-    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    (root / manifest).write_text("\n".join(lines) + "\n")
     return root
 
 
