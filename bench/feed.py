@@ -262,8 +262,25 @@ def timed(step, batches_iter, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its live children (the DataLoader workers), from /proc.
+
+    Robust to other load on a shared machine where wall time is not: it is what feeding
+    costs, whoever else runs."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == os.getpid():  # ppid; utime and stime follow at 11 and 12
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def time_rounds(args, ceiling_step, fixed, fed_step, stream, device):
-    """Per round, samples/s of the ceiling and then of the fed step: (ceilings, feds).
+    """Per round, samples/s and CPU ms per sample of the ceiling, then of the fed step.
 
     Alternating rounds lets load from other processes hit both alike. While the ceiling runs,
     the workers fill their prefetch queue and then idle; the fed round first runs untimed
@@ -271,13 +288,19 @@ def time_rounds(args, ceiling_step, fixed, fed_step, stream, device):
     steady-state feeding is timed.
     """
     settle = max(args.warmup, 2 * args.workers)
-    ceilings, feds = [], []
+    samples = args.steps * args.batch
+    rates = {"ceiling": [], "fed": []}
+    cpu = {"ceiling": [], "fed": []}
     for _ in range(args.repeats):
-        timed(ceiling_step, fixed, args.warmup, device)
-        ceilings.append(args.steps * args.batch / timed(ceiling_step, fixed, args.steps, device))
-        timed(fed_step, stream, settle, device)
-        feds.append(args.steps * args.batch / timed(fed_step, stream, args.steps, device))
-    return ceilings, feds
+        for name, step, source, untimed in (
+            ("ceiling", ceiling_step, fixed, args.warmup),
+            ("fed", fed_step, stream, settle),
+        ):
+            timed(step, source, untimed, device)
+            start = cpu_seconds()
+            rates[name].append(samples / timed(step, source, args.steps, device))
+            cpu[name].append(1e3 * (cpu_seconds() - start) / samples)
+    return rates, cpu
 
 
 def on_device(batch: dict, device) -> dict:
@@ -338,13 +361,20 @@ def measure(args, directory: Path, feed: str, preprocess: dict, work: Path) -> d
         return train_step(ceiling_ctx, batch)
 
     load_before = os.getloadavg()[0]
-    ceiling, fed = time_rounds(args, ceiling_step, fixed, fed_step, stream, device)
+    rates, cpu = time_rounds(args, ceiling_step, fixed, fed_step, stream, device)
+    ceiling, fed = rates["ceiling"], rates["fed"]
+    cpu_fed, cpu_ceiling = statistics.median(cpu["fed"]), statistics.median(cpu["ceiling"])
     return {
         "fed_samples_per_second": statistics.median(fed),
         "ceiling_samples_per_second": statistics.median(ceiling),
         "fed_ratio": statistics.median(f / c for f, c in zip(fed, ceiling)),
         "fed_samples_per_second_all": fed,
         "ceiling_samples_per_second_all": ceiling,
+        # CPU time (this process and its workers) per sample: the step's, and what feeding
+        # adds to it (the cores a GPU host needs per sample/s of the pipeline).
+        "ceiling_cpu_ms_per_sample": cpu_ceiling,
+        "fed_cpu_ms_per_sample": cpu_fed,
+        "feeding_cpu_ms_per_sample": cpu_fed - cpu_ceiling,
         "repeats": args.repeats,
         "workers": args.workers,
         "device": str(device),
