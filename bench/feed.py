@@ -279,6 +279,32 @@ def cpu_seconds() -> float:
     return total
 
 
+def pipeline_cost(dataset, prepare, args, device) -> dict:
+    """The input pipeline alone, no step: CPU ms per sample of reading samples inline on one
+    thread (what one worker spends per sample), and ms per sample of ``prepare`` (the device
+    features) on one batch, synchronised. One thread and no step make these figures far less
+    sensitive to other load than the fed/ceiling rates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        count = min(len(dataset), 4 * args.batch)
+        for i in range(min(count, 8)):  # warm: tar header scans, kernel and filter caches
+            dataset[i]
+        start = time.process_time()
+        samples = [dataset[i] for i in range(count)]
+        worker = 1e3 * (time.process_time() - start) / count
+        device_ms = None
+        if prepare is not None:
+            batch = collate(samples[: args.batch])[MODALITY].to(device)
+            with torch.no_grad():
+                prepare(batch)
+                device_ms = 1e3 * timed(prepare, itertools.repeat(batch), 3, device) / 3
+            device_ms /= args.batch
+    finally:
+        torch.set_num_threads(threads)
+    return {"worker_cpu_ms_per_sample": worker, "device_features_ms_per_sample": device_ms}
+
+
 def time_rounds(args, ceiling_step, fixed, fed_step, stream, device):
     """Per round, samples/s and CPU ms per sample of the ceiling, then of the fed step.
 
@@ -361,6 +387,7 @@ def measure(args, directory: Path, feed: str, preprocess: dict, work: Path) -> d
         return train_step(ceiling_ctx, batch)
 
     load_before = os.getloadavg()[0]
+    pipeline = pipeline_cost(dataset, prepare, args, device)
     rates, cpu = time_rounds(args, ceiling_step, fixed, fed_step, stream, device)
     ceiling, fed = rates["ceiling"], rates["fed"]
     cpu_fed, cpu_ceiling = statistics.median(cpu["fed"]), statistics.median(cpu["ceiling"])
@@ -375,6 +402,7 @@ def measure(args, directory: Path, feed: str, preprocess: dict, work: Path) -> d
         "ceiling_cpu_ms_per_sample": cpu_ceiling,
         "fed_cpu_ms_per_sample": cpu_fed,
         "feeding_cpu_ms_per_sample": cpu_fed - cpu_ceiling,
+        "pipeline": pipeline,
         "repeats": args.repeats,
         "workers": args.workers,
         "device": str(device),

@@ -224,6 +224,10 @@ def test_feed_bench_reports_its_figures(how, capsys):
     assert result["workers"] == 0 and result["device"] == "cpu" and result["feed"] == how
     assert (result["batch"], result["steps"], result["encoder"]) == (2, 1, "tiny")
     assert result["input_shape"] == [1, 1, 128, 40]
+    assert isinstance(result["feeding_cpu_ms_per_sample"], float)
+    assert result["pipeline"]["worker_cpu_ms_per_sample"] > 0
+    device_ms = result["pipeline"]["device_features_ms_per_sample"]
+    assert (device_ms > 0) if how == "device" else device_ms is None
     assert result["command"].startswith("python bench/feed.py")
 
 
