@@ -302,10 +302,15 @@ COMMANDS = {
         {"caches/avmnist": "anchor_cache"}, AUDIO
     ),
     # ---- docs/scale.md: keeping the accelerator fed
-    "python bench/feed.py --config configs/audio.yaml --encoder-size tiny-conv --batch 32 --steps 8 --warmup 2 --workers 2 --feed worker": Run(
+    "python bench/feed.py --config configs/audio.yaml --encoder-size tiny-conv --batch 32 --steps 2 --warmup 1 --workers 0 --feed worker": Run(
         extra=FEED
     ),
-    "python bench/feed.py --batch 2 --steps 2 --workers 2 --feed features": Run(extra=FEED),
+    "python bench/feed.py --encoder-size tiny --batch 32 --steps 2 --warmup 1 --workers 0 --feed device": Run(
+        extra=FEED
+    ),
+    "python bench/feed.py --config configs/audio.yaml --encoder-size tiny-conv --batch 32 --steps 4 --warmup 2 --repeats 2 --workers 2 --feed worker": Run(
+        extra=f"{FEED} --repeats 1"
+    ),
     "python train/write_shards.py --manifest train.csv --root ROOT --out FEATS --features audio --config configs/audio.yaml": Run(
         {"ROOT": "feed_pairs"}, expect="FEATS/shards.json"
     ),
