@@ -8,7 +8,9 @@ because webdataset splits a member name at its first dot and ids may contain dot
 decoded while writing: files outside the root, missing or empty are left out and counted;
 corrupt content is caught by the bad-input policy when read. ``DIR/shards.json`` lists the
 shards with their sample counts, the file keys, class names and the counts left out; the
-root's ``stats.json`` (depth/thermal normalisation) is copied beside it.
+root's ``stats.json`` (depth/thermal normalisation) is copied beside it. Feature shards
+(``--features MODALITY``, :func:`feature_writer`) store that modality's fp16 model inputs
+instead of its files, and are read without decoding (see the feature-shards functions below).
 
 Reading: the registered dataset ``shards`` (``data.dataset=shards``, ``data.root=DIR`` or
 ``data.options.shards=DIR``) decodes samples with exactly the code of the manifest datasets
