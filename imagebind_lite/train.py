@@ -143,7 +143,12 @@ def model_config(cfg: TrainConfig, anchor: Anchor, temperature: float) -> dict:
         "modality_file": cfg.modality_file,
         "size": cfg.encoder.size,
         "overrides": cfg.encoder.overrides,
-        "preprocess": {**get_modality(cfg.modality).preprocess, **cfg.data.preprocess},
+        # features_on says where training made its inputs; a saved model's are the same.
+        "preprocess": {
+            k: v
+            for k, v in {**get_modality(cfg.modality).preprocess, **cfg.data.preprocess}.items()
+            if k != "features_on"
+        },
         "temperature": temperature,
         "embed_dim": anchor.embed_dim,
         "anchor": {**anchor.identity(), "config": config_to_dict(cfg.anchor)},

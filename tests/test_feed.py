@@ -198,6 +198,8 @@ def test_training_runs_on_feature_shards_and_on_device_features(feature_shards, 
         cfg = audio_config(tmp_path / name, shards, f"data.options.eval_shards={feats}", *extra)
         metrics = train(cfg, quiet=True)
         assert metrics["steps"] == 2 and metrics["skipped_total"] == 0
+        saved = json.loads((tmp_path / name / "runs/audio-shards/model/config.json").read_text())
+        assert "features_on" not in saved["preprocess"]  # the model's input is the same
         assert metrics["num_eval"] == len(FILES) and np.isfinite(metrics["final_loss"])
 
 
