@@ -129,6 +129,14 @@ class ModalitySpec:
     # patchifies (an fbank, a depth map): ``encoder.init=anchor`` then starts the encoder from
     # the anchor's image tower. None: not image-shaped (a time series), and it refuses.
     image_shape: Callable[[dict[str, Any]], tuple[int, int, int]] | None = None
+    # ``data.preprocess.features_on: device``: (batch of what ``load_source`` emits with that
+    # option, options, train, generator) -> model input batch, computed on the batch's device
+    # with training augmentation when ``train``. None: features are made in the workers only.
+    device_features: Callable[..., Any] | None = None
+    # Feature shards (train/write_shards.py --features): options -> the preprocessing options
+    # stored features depend on (recorded in the shards, checked when they are read). None: the
+    # modality's features cannot be stored.
+    feature_options: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def __post_init__(self):
         if self.anchor_tower is not None:

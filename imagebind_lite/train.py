@@ -11,8 +11,10 @@ evaluation.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +190,12 @@ def model_config(cfg: TrainConfig, anchor: Anchor, temperature: float) -> dict:
         "overrides": cfg.encoder.overrides,
         "init": cfg.encoder.init,
         "trainable": cfg.encoder.trainable,
-        "preprocess": {**get_modality(cfg.modality).preprocess, **cfg.data.preprocess},
+        # features_on says where training made its inputs; a saved model's are the same.
+        "preprocess": {
+            k: v
+            for k, v in {**get_modality(cfg.modality).preprocess, **cfg.data.preprocess}.items()
+            if k != "features_on"
+        },
         "temperature": temperature,
         "embed_dim": anchor.embed_dim,
         "anchor": {**anchor.identity(), "config": config_to_dict(cfg.anchor)},
@@ -253,10 +260,15 @@ class AlignmentObjective(Objective):
     accum: int = 1
     local: bool = False  # loss.local: this process's rows against the global batch
     kind: str = "infonce"  # loss.kind; siglip: the model holds the loss head (AlignmentModule)
+    # data.preprocess.features_on=device: batch input -> model input, on the device.
+    prepare: Callable | None = None
 
     def backward(self, ctx: StepContext, batch: dict) -> float:
         accelerator, model, accum = ctx.accelerator, ctx.model, self.accum
         inputs = batch[self.modality]
+        if self.prepare is not None:
+            with torch.no_grad():
+                inputs = self.prepare(inputs)
         with torch.no_grad():
             anchor_emb = anchor_embeddings(self.anchor, batch)
         if self.kind == "siglip":
@@ -292,6 +304,24 @@ class AlignmentObjective(Objective):
                 accelerator.backward(loss)
             total, start = total + float(loss.detach()), rows[1]
         return total
+
+
+def device_feature_step(spec, cfg: TrainConfig, accelerator: Accelerator) -> Callable | None:
+    """``data.preprocess.features_on: device``: the step's feature computation, else None."""
+    options = {**spec.preprocess, **cfg.data.preprocess}
+    where = options.get("features_on") or "worker"
+    if where not in ("worker", "device"):
+        raise ConfigError(f"data.preprocess.features_on: expected worker or device, got {where!r}")
+    if where == "worker":
+        return None
+    if spec.device_features is None:
+        raise ConfigError(
+            f"data.preprocess.features_on=device: modality {spec.name!r} has no device features"
+        )
+    # Masks are drawn on the device from a generator of its own, one stream per process.
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
+    return functools.partial(spec.device_features, options=options, train=True, generator=generator)
 
 
 def anchor_embeddings(anchor: Anchor, batch: dict) -> torch.Tensor:
@@ -378,6 +408,7 @@ class AlignmentTask(Task):
             cfg.optim.grad_accum,
             cfg.loss.local,
             cfg.loss.kind,
+            device_feature_step(spec, cfg, accelerator),
         )
         groups = param_groups(model, cfg.optim.weight_decay)
         return TaskParts(model, groups, self.bundle.train, objective, collate)

@@ -97,6 +97,9 @@ ONE_GPU_BF16 = {
     "--mixed_precision bf16": "--mixed_precision no",
 }
 NP = "--no-progress"
+# bench/feed.py made tiny (later options win): a small encoder, one step on 4 clips.
+FEED = "--encoder-size tiny --batch 2 --steps 1 --warmup 0 --clips 4 --workers 1"
+CPU = {"--device cuda": "--device cpu"}
 # configs/bind.yaml made short: a few round-robin steps of small encoders on both modalities.
 BIND = (
     "tracker=null max_steps=4 warmup_steps=1 sampling=round_robin "
@@ -310,6 +313,31 @@ COMMANDS = {
     "python bench/manifest_cache.py": Run(
         extra="--clips 16 --batch 8 --steps 1 --repeats 1 --check-steps 1 --image-size 32 "
         "anchor.model=tiny-clip-32 anchor.model_config=imagebind_lite:tiny-clip-32"
+    ),
+    # ---- docs/scale.md: keeping the accelerator fed
+    "python bench/feed.py --config configs/audio.yaml --encoder-size tiny-conv --batch 32 --steps 2 --warmup 1 --workers 0 --feed worker": Run(
+        extra=FEED
+    ),
+    "python bench/feed.py --encoder-size tiny --batch 32 --steps 2 --warmup 1 --workers 0 --feed device": Run(
+        extra=FEED
+    ),
+    "python bench/feed.py --config configs/audio.yaml --encoder-size tiny-conv --batch 32 --steps 4 --warmup 2 --repeats 2 --workers 2 --feed worker": Run(
+        extra=f"{FEED} --repeats 1"
+    ),
+    "python train/write_shards.py --manifest train.csv --root ROOT --out FEATS --features audio --config configs/audio.yaml": Run(
+        {"ROOT": "feed_pairs"}, expect="FEATS/shards.json"
+    ),
+    "python bench/feed.py --device cuda --clips 3000 --batch 256 --steps 20 --warmup 5 --workers 8 --feed worker": Run(
+        extra=FEED, rewrite=CPU
+    ),
+    "python bench/feed.py --device cuda --clips 3000 --batch 256 --steps 20 --warmup 5 --workers 8 --feed device": Run(
+        extra=FEED, rewrite=CPU
+    ),
+    "python bench/feed.py --device cuda --clips 3000 --batch 256 --steps 20 --warmup 5 --workers 8 --feed features": Run(
+        extra=FEED, rewrite=CPU
+    ),
+    "python bench/gpu_audio_step.py --batch 256 --compile": Run(
+        extra="--batch 2 --steps 1 --warmup 0", rewrite={"--compile": "--device cpu --depth 1"}
     ),
 }
 
@@ -650,6 +678,14 @@ def finetuned_anchor(tmp_path_factory):
     proc = sh(f"python train/finetune_anchor.py trainable=lora {FT} output={out}", sandbox(base))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def feed_pairs(tmp_path_factory):
+    """FSDD clips, each with a small image, listed in train.csv (write_shards.py --features)."""
+    from test_feed import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("feedpairs") / "root", manifest="train.csv")
 
 
 @pytest.fixture(scope="session")

@@ -212,6 +212,12 @@ def build_avmnist(cfg, anchor, spec) -> DatasetBundle:
     if unknown:
         raise ValueError(f"data.options.test_speakers: unknown speakers {sorted(unknown)}")
     options = {**spec.preprocess, **cfg.data.preprocess}
+    if (options.get("features_on") or "worker") != "worker":
+        raise ValueError(
+            "dataset avmnist: data.preprocess.features_on must be worker: it computes every "
+            "clip's features once into memory (and its time_shift/freq_warp act on them), so "
+            "there is no decoding to move to the device"
+        )
 
     files = audio_files(root)
     feats = torch.stack([spec.load(path, **options) for path, _, _ in files])

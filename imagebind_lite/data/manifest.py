@@ -361,6 +361,7 @@ class PairSampler:
         self.spec = spec
         self.modality = spec.name
         self.preprocess = dict(preprocess)
+        self.eval_preprocess = {k: v for k, v in self.preprocess.items() if k != "features_on"}
         self.vision_transform = anchor.preprocess
         self.rgb_size = tuple(anchor.image_size)
         self.rgb_mean = anchor.image_mean.view(3, 1, 1).clone()
@@ -397,7 +398,9 @@ class PairSampler:
 
     def _modality(self, source: bi.Source, train: bool, generator) -> torch.Tensor:
         if self.spec.load_source is not None:
-            x = self.spec.load_source(source, self.preprocess)
+            # features_on: device applies to training batches; evaluation gets finished inputs.
+            options = self.preprocess if train else self.eval_preprocess
+            x = self.spec.load_source(source, options)
         else:
             x = self._spec_load(source)
         if train and self.spec.augment is not None:

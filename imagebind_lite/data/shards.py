@@ -8,7 +8,9 @@ because webdataset splits a member name at its first dot and ids may contain dot
 decoded while writing: files outside the root, missing or empty are left out and counted;
 corrupt content is caught by the bad-input policy when read. ``DIR/shards.json`` lists the
 shards with their sample counts, the file keys, class names and the counts left out; the
-root's ``stats.json`` (depth/thermal normalisation) is copied beside it.
+root's ``stats.json`` (depth/thermal normalisation) is copied beside it. Feature shards
+(``--features MODALITY``, :func:`feature_writer`) store that modality's fp16 model inputs
+instead of its files, and are read without decoding (see the feature-shards functions below).
 
 Reading: the registered dataset ``shards`` (``data.dataset=shards``, ``data.root=DIR`` or
 ``data.options.shards=DIR``) decodes samples with exactly the code of the manifest datasets
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import io
 import json
 import os
 import shutil
@@ -51,6 +54,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -62,6 +66,7 @@ from .transforms import STATS_FILE
 
 INDEX_FILE = "shards.json"
 META_KEY = "json"
+FEATURE_EXT = ".features.npy"
 MAX_TAR_ERRORS = 100
 
 
@@ -88,8 +93,12 @@ def write_shards(
     templates: list[str] | None = None,
     source: str | None = None,
     prefix: str = "shard",
+    features: dict | None = None,
 ) -> dict:
-    """Write records (files under ``root``) as tar shards into ``out``; returns the index."""
+    """Write records (files under ``root``) as tar shards into ``out``; returns the index.
+
+    ``features`` (from :func:`feature_writer`): store that key's features instead of its file.
+    """
     wds = _webdataset()
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
@@ -109,6 +118,9 @@ def write_shards(
                     if wanted is not None and key not in wanted:
                         continue
                     resolved = bi.resolve_inside(root, path)
+                    if features is not None and key == features["key"]:
+                        sample[f"{key}{FEATURE_EXT}"] = features["encode"](resolved)
+                        continue
                     ext = resolved.suffix.lower() or ".bin"
                     sample[f"{key}{ext}"] = bi.read_bytes(resolved)
             except BadSample as err:
@@ -141,6 +153,8 @@ def write_shards(
         "skipped": dict(skipped),
         "source": source,
     }
+    if features is not None:
+        index["features"] = {k: features[k] for k in ("key", "dtype", "preprocess")}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
     stats = root / STATS_FILE
     if stats.is_file() and stats.resolve() != (out / STATS_FILE).resolve():
@@ -258,7 +272,7 @@ class ShardAccess:
     index: dict
 
     def _init_access(self, sampler) -> None:
-        self.max_anchor_views = 1 if sampler.paired is None else None
+        self.max_anchor_views = 1 if getattr(sampler, "paired", None) is None else None
         self.anchor_views: int | None = None
         self._pid = None
         self._identities: dict[int, str] = {}
@@ -497,6 +511,82 @@ class ShardStream(ShardAccess, EpochRandom, Dataset):
         return _decode(self.sampler, record, blobs, self.train, generator)
 
 
+# --------------------------------------------------------------------------- feature shards
+# ``write_shards.py --features MODALITY``: that modality's model inputs, computed once by the
+# worker pipeline without augmentation and stored as fp16 .npy; training on such shards skips
+# decoding and applies only the augmentation (spec.augment). The index records the options the
+# features depend on (spec.feature_options); a run with other options is refused.
+
+
+def feature_writer(spec, preprocess: dict) -> dict:
+    """``write_shards(features=...)`` for ``spec``'s inputs under ``preprocess`` options."""
+    if spec.feature_options is None or spec.load_source is None:
+        raise ValueError(f"--features {spec.name}: this modality's features cannot be stored")
+    options = {**spec.preprocess, **preprocess}
+    if (options.get("features_on") or "worker") != "worker":
+        raise ValueError("--features: stored features are worker features; drop features_on")
+
+    def encode(path) -> bytes:
+        x = torch.as_tensor(spec.load_source(path, options))  # no augmentation
+        buffer = io.BytesIO()
+        np.save(buffer, x.numpy().astype(np.float16), allow_pickle=False)
+        return buffer.getvalue()
+
+    recorded = json.loads(json.dumps(spec.feature_options(options), default=str))
+    return {"key": spec.name, "dtype": "float16", "preprocess": recorded, "encode": encode}
+
+
+def read_feature_blob(source) -> torch.Tensor:
+    """A stored feature member -> float32 tensor; a damaged one is bad input."""
+    try:
+        array = np.load(io.BytesIO(bi.read_bytes(source)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise BadSample("unreadable", f"{bi.source_name(source)}: bad features ({err})") from None
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def check_feature_shards(index: dict, spec, preprocess: dict, directory) -> None:
+    """Refuse feature shards written for another modality or other preprocessing options."""
+    stored = index["features"]
+    if stored["key"] != spec.name:
+        raise ValueError(f"{directory}: feature shards of {stored['key']!r}, not {spec.name!r}")
+    options = {**spec.preprocess, **preprocess}
+    if (options.get("features_on") or "worker") != "worker":
+        raise ValueError(
+            f"{directory}: feature shards hold finished features; drop data.preprocess.features_on"
+        )
+    now = json.loads(json.dumps(spec.feature_options(options), default=str))
+    diff = sorted(
+        k for k in set(now) | set(stored["preprocess"]) if now.get(k) != stored["preprocess"].get(k)
+    )
+    if diff:
+        pairs = ", ".join(
+            f"{k}={now.get(k)!r} (shards: {stored['preprocess'].get(k)!r})" for k in diff
+        )
+        raise ValueError(
+            f"{directory}: feature shards were written with other data.preprocess: {pairs}; "
+            "rewrite them with train/write_shards.py --features or match the options"
+        )
+
+
+class FeatureSampler(mf.PairSampler):
+    """PairSampler whose modality side is read from stored features, then augmented."""
+
+    def _modality(self, source, train: bool, generator) -> torch.Tensor:
+        x = read_feature_blob(source)
+        if train and self.spec.augment is not None:
+            x = self.spec.augment(x, train=True, generator=generator, **self.preprocess)
+        return x
+
+
+def sampler_for(index: dict, spec, preprocess: dict, anchor, directory) -> mf.PairSampler:
+    """The sampler for a shard folder: feature shards are checked and read as features."""
+    if index.get("features") is None:
+        return mf.PairSampler(spec, preprocess, anchor)
+    check_feature_shards(index, spec, preprocess, directory)
+    return FeatureSampler(spec, preprocess, anchor)
+
+
 @register_dataset("shards")
 def build_shards(cfg, anchor, spec) -> DatasetBundle:
     opts = cfg.data.options
@@ -519,7 +609,8 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
     )
     if normalisation:
         info["normalisation"] = normalisation
-    sampler = mf.PairSampler(spec, {**spec.preprocess, **cfg.data.preprocess}, anchor)
+    preprocess = {**spec.preprocess, **cfg.data.preprocess}
+    sampler = sampler_for(index, spec, preprocess, anchor, directory)
     classnames = opts.get("classnames") or index.get("classnames")
     templates = opts.get("templates") or index.get("templates")
 
@@ -548,7 +639,11 @@ def build_shards(cfg, anchor, spec) -> DatasetBundle:
         train = wrap(ShardDataset(directory, sampler, True, cfg.seed), "train")
     evaluation = None
     if opts.get("eval_shards"):
-        evaluation = wrap(ShardDataset(opts["eval_shards"], sampler, False, cfg.seed), "eval")
+        eval_index = read_index(opts["eval_shards"])
+        # Evaluation reads finished features whatever the training batches carry.
+        eval_options = {k: v for k, v in preprocess.items() if k != "features_on"}
+        eval_sampler = sampler_for(eval_index, spec, eval_options, anchor, opts["eval_shards"])
+        evaluation = wrap(ShardDataset(opts["eval_shards"], eval_sampler, False, cfg.seed), "eval")
     elif opts.get("eval_manifest"):
         eval_root = Path(opts.get("eval_root") or directory)
         path = mf._find(eval_root, opts["eval_manifest"])

@@ -1,7 +1,9 @@
 """Audio: log-mel fbank clips [clips, 1, mel, frames] -> ViT on overlapping 2-D patches."""
 
 from ..data import audio as audio_data
+from ..data import audio_device
 from ..data import bad_input as bi
+from ..data.audio_reference import resolve_options
 from ..data.datasets import BadSample
 from ..data.manifest import read_waveform
 from ..files import AUDIO_EXTS
@@ -39,11 +41,30 @@ def load_source(source: bi.Source, options: dict):
     wav, rate = read_waveform(source)
     if audio_data.is_silent(wav):
         raise BadSample("silent", f"{bi.source_name(source)}: all samples are zero")
+    if audio_device.features_on(options) == "device":
+        return audio_device.pack_clips(wav, rate, options)  # the fbank runs in the step
     return audio_data.waveform_to_clips(wav, rate, options)
 
 
-def augment(feats, train: bool, freq_mask: int = 12, time_mask: int = 0, generator=None, **_):
-    return audio_data.spec_augment(feats, freq_mask, time_mask, generator) if train else feats
+def augment(feats, train: bool, freq_mask: int = 12, time_mask: int = 0, generator=None, **o):
+    if not train or audio_device.features_on(o) == "device":
+        return feats  # with features on the device, masking happens there (device_features)
+    return audio_data.spec_augment(feats, freq_mask, time_mask, generator)
+
+
+def device_features(packed, options: dict, train: bool, generator=None):
+    """A batch of packed clips on the device -> log-mel batch, masked when ``train``."""
+    feats = audio_device.log_mel_batch(packed, options)
+    if not train:
+        return feats
+    freq, time = int(options.get("freq_mask", 12)), int(options.get("time_mask", 0))
+    return audio_device.spec_augment_batch(feats, freq, time, generator)
+
+
+def feature_options(options: dict) -> dict:
+    """The options a stored fbank depends on (not the masking, applied when training)."""
+    resolved = resolve_options(options)
+    return {key: resolved[key] for key in (*audio_data.DEFAULTS, "compat")}
 
 
 def _pair(value) -> tuple[int, int]:
@@ -122,6 +143,8 @@ register_modality(
         extensions=AUDIO_EXTS,
         load_source=load_source,
         image_shape=image_shape,
+        device_features=device_features,
+        feature_options=feature_options,
         imagebind=ImageBindBranch(
             stem="rgbt_stem",
             heads=12,
