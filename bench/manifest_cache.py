@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install -e .` too
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_step import Run, _machine, measure  # noqa: E402
+from train_step import Run, _machine, measure, speed_summary  # noqa: E402
 
 from imagebind_lite.anchor import Anchor  # noqa: E402
 from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache  # noqa: E402
@@ -150,22 +149,7 @@ def main(argv=None) -> dict:
 
 
 def summarise(args, cfg, anchor, encoder, rates, cpu, max_diff) -> dict:
-    uncached = statistics.median(rates["uncached"])
-    cached = statistics.median(rates["cached"])
-    ratios = [c / u for c, u in zip(rates["cached"], rates["uncached"])]
-    cpu_median = {name: statistics.median(v) for name, v in cpu.items()}
-    return {
-        "cached_samples_per_second": cached,
-        "uncached_samples_per_second": uncached,
-        "speedup": cached / uncached,
-        "speedup_median_of_repeat_ratios": statistics.median(ratios),
-        "cached_cpu_ms_per_sample": 1e3 * cpu_median["cached"],
-        "uncached_cpu_ms_per_sample": 1e3 * cpu_median["uncached"],
-        "speedup_cpu_time": cpu_median["uncached"] / cpu_median["cached"],
-        "max_loss_diff": max_diff,
-        "same_loss_curve": max_diff <= 1e-5,
-        "cached_samples_per_second_all": rates["cached"],
-        "uncached_samples_per_second_all": rates["uncached"],
+    return speed_summary(rates, cpu, max_diff) | {
         "config": {
             "dataset": "manifest: FSDD FLAC clips + UCI digit PNGs",
             "clips": args.clips,

@@ -193,23 +193,7 @@ def main(argv=None) -> dict:
             "cached": Run(accelerator, encoder, cached_set, args.batch, args.seed),
         }
         rates, cpu, max_diff = measure(args, runs, anchor)
-    uncached = statistics.median(rates["uncached"])
-    cached = statistics.median(rates["cached"])
-    ratios = [c / u for c, u in zip(rates["cached"], rates["uncached"])]
-    cpu_median = {name: statistics.median(v) for name, v in cpu.items()}
-    result = {
-        "cached_samples_per_second": cached,
-        "uncached_samples_per_second": uncached,
-        "speedup": cached / uncached,
-        # Robust to load from other processes: per-repeat ratios, and CPU time per sample.
-        "speedup_median_of_repeat_ratios": statistics.median(ratios),
-        "cached_cpu_ms_per_sample": 1e3 * cpu_median["cached"],
-        "uncached_cpu_ms_per_sample": 1e3 * cpu_median["uncached"],
-        "speedup_cpu_time": cpu_median["uncached"] / cpu_median["cached"],
-        "max_loss_diff": max_diff,
-        "same_loss_curve": max_diff <= 1e-5,
-        "cached_samples_per_second_all": rates["cached"],
-        "uncached_samples_per_second_all": rates["uncached"],
+    result = speed_summary(rates, cpu, max_diff) | {
         "cache_write_images_per_second": report["entries"] / cache_seconds,
         "config": {
             "anchor": args.anchor,
@@ -234,6 +218,27 @@ def main(argv=None) -> dict:
         print(f"WARNING: cached and uncached losses differ by {max_diff:.2e} (> 1e-5)")
     print(json.dumps(result))
     return result
+
+
+def speed_summary(rates: dict, cpu: dict, max_diff: float) -> dict:
+    """Medians of the cached and uncached runs; ratios robust to load from other processes."""
+    uncached = statistics.median(rates["uncached"])
+    cached = statistics.median(rates["cached"])
+    ratios = [c / u for c, u in zip(rates["cached"], rates["uncached"])]
+    cpu_median = {name: statistics.median(v) for name, v in cpu.items()}
+    return {
+        "cached_samples_per_second": cached,
+        "uncached_samples_per_second": uncached,
+        "speedup": cached / uncached,
+        "speedup_median_of_repeat_ratios": statistics.median(ratios),
+        "cached_cpu_ms_per_sample": 1e3 * cpu_median["cached"],
+        "uncached_cpu_ms_per_sample": 1e3 * cpu_median["uncached"],
+        "speedup_cpu_time": cpu_median["uncached"] / cpu_median["cached"],
+        "max_loss_diff": max_diff,
+        "same_loss_curve": max_diff <= 1e-5,
+        "cached_samples_per_second_all": rates["cached"],
+        "uncached_samples_per_second_all": rates["uncached"],
+    }
 
 
 def _machine(device) -> str:
