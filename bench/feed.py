@@ -38,7 +38,6 @@ fed_ratio, workers, device, feed, batch, steps, encoder, shards, preprocess and 
 from __future__ import annotations
 
 import argparse
-import bisect
 import functools
 import itertools
 import json
@@ -63,17 +62,15 @@ from gpu_audio_step import TEMPERATURE, _sync  # noqa: E402
 from train_step import _machine  # noqa: E402
 
 from imagebind_lite.anchor import Anchor  # noqa: E402
-from imagebind_lite.cache import AnchorCache, write_anchor_cache  # noqa: E402
+from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache  # noqa: E402
 from imagebind_lite.cli import run_script  # noqa: E402
 from imagebind_lite.config import AnchorConfig, load_config, resolve_config_arg  # noqa: E402
 from imagebind_lite.data import avmnist  # noqa: E402
-from imagebind_lite.data import bad_input as bi  # noqa: E402
 from imagebind_lite.data.adapters import Record  # noqa: E402
 from imagebind_lite.data.datasets import collate  # noqa: E402
 from imagebind_lite.data.shards import (  # noqa: E402
     ShardDataset,
     feature_writer,
-    fields_to_sample,
     read_index,
     sampler_for,
     write_shards,
@@ -156,58 +153,6 @@ def write_fsdd_shards(root: Path, out: Path, clips: int, features: dict | None) 
         paths = {MODALITY: audio, "vision": image}
         records.append(Record(path.stem, paths, digit, [], "train", None, {}))
     write_shards(records, root, out, 64, classnames=avmnist.DIGIT_NAMES, features=features)
-
-
-def read_sample(shards: ShardDataset, index: int):
-    """(Record, blobs by key) of one shard sample, nothing decoded."""
-    shard = bisect.bisect_right(shards.starts, index) - 1
-    position = index - shards.starts[shard]
-    _, fields = shards._fields(shard, position)
-    return fields_to_sample(fields, f"sample {index}")
-
-
-class ShardImages(torch.utils.data.Dataset):
-    """The anchor-cache protocol over a shard folder's images: one view per sample, its id."""
-
-    max_anchor_views = 1
-
-    def __init__(self, directory: Path, anchor: Anchor):
-        self.shards = ShardDataset(directory, None, False)
-        self.anchor = anchor
-        self.rows = {}
-        for i in range(len(self.shards)):
-            record, _ = self._sample(i)
-            self.rows[record.id] = i
-
-    def _sample(self, i: int):
-        return read_sample(self.shards, i)
-
-    def anchor_view_ids(self, views: int = 1) -> list[str]:
-        return list(self.rows)
-
-    def anchor_input(self, view_id: str) -> torch.Tensor:
-        _, blobs = self._sample(self.rows[view_id])
-        if "vision" not in blobs:
-            raise ValueError(f"{self.shards.directory}: sample {view_id} has no vision image")
-        return self.anchor.preprocess(bi.open_image(blobs["vision"]).convert("RGB"))
-
-    def use_anchor_views(self, views) -> None:
-        pass
-
-
-class CachedShards(ShardDataset):
-    """Training samples of the shards' audio, with the cached embedding of the sample's image
-    (the anchor side of ``anchor.cache`` training; the image itself is not decoded)."""
-
-    def __init__(self, directory: Path, sampler, cache: AnchorCache, seed: int):
-        super().__init__(directory, sampler, True, seed)
-        self.cache = cache
-
-    def __getitem__(self, index: int) -> dict:
-        record, blobs = read_sample(self, index)
-        x = self.sampler._modality(blobs[MODALITY], True, self.generator(index))
-        embedding = self.cache.embeddings[self.cache.index[record.id]].float()
-        return {MODALITY: x, "anchor_embedding": embedding}
 
 
 def open_shards(args, spec, preprocess: dict, work: Path) -> tuple[Path, str]:
@@ -366,11 +311,11 @@ def measure(args, directory: Path, feed: str, preprocess: dict, work: Path) -> d
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     anchor = anchor_for_bench(device)
-    write_anchor_cache(anchor, ShardImages(directory, anchor), work / "cache", batch_size=64)
-    cache = AnchorCache.open(work / "cache")
     spec = get_modality(MODALITY)
     sampler = sampler_for(read_index(directory), spec, preprocess, anchor, directory)
-    dataset = CachedShards(directory, sampler, cache, args.seed)
+    shards = ShardDataset(directory, sampler, True, args.seed)
+    write_anchor_cache(anchor, shards, work / "cache", batch_size=64)
+    dataset = attach_anchor_cache(shards, work / "cache", anchor)
     if len(dataset) < args.batch:
         raise ValueError(f"{directory}: {len(dataset)} samples, fewer than --batch {args.batch}")
     fed_ctx, ceiling_ctx, prepare, params = build_step(args, accelerator, anchor, preprocess, feed)

@@ -272,7 +272,7 @@ class ShardAccess:
     index: dict
 
     def _init_access(self, sampler) -> None:
-        self.max_anchor_views = 1 if getattr(sampler, "paired", None) is None else None
+        self.max_anchor_views = 1 if sampler.paired is None else None
         self.anchor_views: int | None = None
         self._pid = None
         self._identities: dict[int, str] = {}
