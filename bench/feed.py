@@ -37,7 +37,6 @@ fed_ratio, workers, device, feed, batch, steps, encoder, shards, preprocess and 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
@@ -63,7 +62,7 @@ from train_step import _machine  # noqa: E402
 
 from imagebind_lite.anchor import Anchor  # noqa: E402
 from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache  # noqa: E402
-from imagebind_lite.cli import run_script  # noqa: E402
+from imagebind_lite.cli import OneLineArgumentParser, run_script  # noqa: E402
 from imagebind_lite.config import AnchorConfig, load_config, resolve_config_arg  # noqa: E402
 from imagebind_lite.data import avmnist  # noqa: E402
 from imagebind_lite.data.adapters import Record  # noqa: E402
@@ -90,7 +89,7 @@ FEEDS = ("worker", "device", "features")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", help="a shards folder (default: written here from FSDD)")
     parser.add_argument("--feed", choices=FEEDS, default=None, help="default: from the shards")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (0: inline)")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
-from imagebind_lite.cli import one_line, one_line_errors  # noqa: E402
+from imagebind_lite.cli import OneLineArgumentParser, one_line, one_line_errors  # noqa: E402
 from imagebind_lite.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 BENCHMARKS = {"audio": "audio.yaml", "pen": "pen.yaml", "depth": "depth.yaml"}
@@ -49,7 +49,7 @@ CEILING = "ceiling"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", default=",".join(BENCHMARKS))
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--epochs-scale", type=float, default=1.0, help="budget: x the epochs")

@@ -10,18 +10,17 @@ Takes the training scripts' ``field=value`` overrides. The last stdout line is J
 Writes runs/ceiling-<modality>-<dataset>/metrics.json.
 """
 
-import argparse
 import json
 
 from imagebind_lite.ceiling import ceiling
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.config import load_config, resolve_config_arg
 
 KEYS = ("supervised_top1", "supervised_top5", "emergent_top1", "emergence_gap", "train_seconds")
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a training config (default: configs/audio.yaml)")
     parser.add_argument("--checkpoint", help="an aligned run of the same config, to compare")
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)

@@ -9,12 +9,11 @@ folds). Other protocols train on the layout's train split and test on its test s
 decay is chosen on a validation part of the training data; k-shot runs average --seeds draws.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.linear_probe import (
     DEFAULT_GRID,
@@ -62,7 +61,7 @@ def embed_split(space, protocol, root, options, args, tag):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument(
         "--dataset",

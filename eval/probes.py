@@ -9,10 +9,9 @@ positions for images and depth/thermal encoders; text probes report how often tw
 different meaning stay apart (cosine below --threshold).
 """
 
-import argparse
 from pathlib import Path
 
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.evaluation.probes import as_dicts, format_probe_table, run_probes
 from imagebind_lite.evaluation.protocols import run_collections
 from imagebind_lite.evaluation.report import run_normalisation, write_json
@@ -20,7 +19,7 @@ from imagebind_lite.evaluation.space import Space
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
         action="append",

@@ -7,15 +7,13 @@ matrix of a sample batch, a PCA projection of the shared space, retrieval tables
 top-k lists, the geometry of the space, the limitation-probe table and the training curve.
 """
 
-import argparse
-
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.evaluation.report import build_report
 from imagebind_lite.evaluation.space import Space
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run folder (runs/NAME)")
     parser.add_argument("--out", help="report folder (default RUN/report)")
     parser.add_argument("--sample", type=int, default=12, help="rows of the similarity plots")

@@ -16,12 +16,11 @@ held-out set (rebuilt from the data its config records), matched by class: top-1
 match and mAP (relevant = same class), both directions.
 """
 
-import argparse
 from pathlib import Path
 
 from imagebind_lite.bind import format_emergent, pair_retrieval
 from imagebind_lite.bound import BoundModel
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import (
     cross_modal_retrieval,
@@ -50,7 +49,7 @@ def parse_directions(text):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
         action="append",

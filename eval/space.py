@@ -17,7 +17,7 @@ the run's anchor; other modalities through the encoder of a --checkpoint trained
 import argparse
 import sys
 
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.evaluation.space import (
     Space,
     SpaceError,
@@ -93,7 +93,7 @@ def add_common(parser, suffix: str = "") -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],

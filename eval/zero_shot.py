@@ -8,10 +8,9 @@ python eval/zero_shot.py --list                                       # protocol
 Prints a table beside the published numbers and writes JSON (default RUN/eval/zero_shot_NAME.json).
 """
 
-import argparse
 from pathlib import Path
 
-from imagebind_lite.cli import TRUST_CODE_HELP, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
 from imagebind_lite.evaluation.protocols import (
     PROTOCOLS,
     evaluate_protocol,
@@ -30,7 +29,7 @@ def list_protocols() -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a run folder (runs/NAME) or its model/ folder")
     parser.add_argument(
         "--dataset",

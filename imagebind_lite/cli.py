@@ -106,7 +106,7 @@ def run_script(main: Callable, ok: Callable = lambda result: True) -> None:
 
 def train_main(default_config: str | None, argv: list[str] | None = None) -> dict:
     """``default_config``: a file in ``configs/``, or None to start from the dataclass defaults."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Align a modality encoder to the frozen CLIP anchor.",
         epilog="Any config field can be overridden: section.field=value, e.g. optim.lr=1e-3",
     )
@@ -138,7 +138,7 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
 
 def bind_main(argv: list[str] | None = None) -> dict | None:
     """``train/bind.py``: several modalities in one run, or ``--from RUN... --out DIR``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Bind several modalities to the frozen CLIP anchor in one run (one space), "
         "or combine single-modality runs that share an anchor into one bound folder.",
         epilog="Any config field can be overridden: section.field=value, e.g. "

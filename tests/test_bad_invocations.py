@@ -124,3 +124,16 @@ def test_bench_arguments_fail_in_one_line_in_process(capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1, err
         assert err.startswith("error: bench.py: ") and message in err
+
+
+SCRIPTS = sorted(
+    str(p.relative_to(REPO)) for d in ("train", "eval") for p in (REPO / d).glob("*.py")
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_wrong_flag_is_one_usage_line(tmp_path, script):
+    proc = invoke(tmp_path, script, "--no-such-flag")
+    name = script.rpartition("/")[2]
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: {name}") and not any(tmp_path.iterdir())

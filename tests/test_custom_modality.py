@@ -233,6 +233,8 @@ def test_the_example_reader_reads_npy_files(tmp_path):
         spec.load(tmp_path / "bad.npy", **spec.preprocess)
 
 
-def test_the_generic_script_needs_a_modality(monkeypatch):
-    with pytest.raises(SystemExit, match="name the modality"):
+def test_the_generic_script_needs_a_modality(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         run_align(monkeypatch, "tracker=null")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: align.py: name the modality")

@@ -22,8 +22,9 @@ def _names_modality(argv: list[str]) -> bool:
 
 if __name__ == "__main__":
     if not _names_modality(sys.argv[1:]):
-        sys.exit(
-            "train/align.py: name the modality, e.g. modality=imu, or "
-            "modality_file=my_modality.py modality=my_sensor (or give --config FILE)"
+        sys.stderr.write(
+            "error: align.py: name the modality, e.g. modality=imu, or "
+            "modality_file=my_modality.py modality=my_sensor (or give --config FILE)\n"
         )
+        sys.exit(2)
     train_main(None)  # no configs/ file: fields start at the dataclass defaults

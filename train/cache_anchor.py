@@ -13,7 +13,6 @@ JSON summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,14 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.cache import DTYPES, write_anchor_cache
-from imagebind_lite.cli import one_line_errors, resolve_config_arg, run_script
+from imagebind_lite.cli import (
+    OneLineArgumentParser,
+    one_line_errors,
+    resolve_config_arg,
+    run_script,
+)
 from imagebind_lite.config import ConfigError, config_to_dict, load_config
 from imagebind_lite.data.datasets import get_dataset_builder
 from imagebind_lite.modalities import get_modality
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Cache the frozen anchor's image embeddings of a training set.",
         epilog="Any config field can be overridden: section.field=value",
     )

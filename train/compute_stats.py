@@ -16,11 +16,10 @@ merged into the JSON under the modality's name, so depth and thermal can share o
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from imagebind_lite.cli import run_script
+from imagebind_lite.cli import OneLineArgumentParser, run_script
 from imagebind_lite.data.manifest import compute_sensor_stats, load_records
 from imagebind_lite.data.transforms import STATS_FILE, write_stats
 from imagebind_lite.files import parse_key_values
@@ -33,7 +32,7 @@ def modalities_with_stats() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modality", required=True, choices=modalities_with_stats())
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="CSV or JSONL manifest (relative to --root or cwd)")

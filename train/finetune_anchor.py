@@ -20,15 +20,15 @@ Then align with the new anchor: ``anchor.pretrained=OUTPUT`` (the report OUTPUT.
 exact fields). Anchor caches of the old anchor are refused: rebuild them (train/cache_anchor.py).
 """
 
-import argparse
 import json
 import sys
 
 from imagebind_lite.anchor_finetune import FinetuneConfig, finetune_anchor
+from imagebind_lite.cli import OneLineArgumentParser
 from imagebind_lite.config import ConfigError, load_config
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Fields: see FinetuneConfig in imagebind_lite/anchor_finetune.py",
     )

@@ -32,7 +32,6 @@ millimetre, finer than the Kinect's own depth steps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -40,6 +39,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from imagebind_lite.cli import OneLineArgumentParser
 
 SOURCE = "cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html"
 MARKER = ".prepare_nyud"  # marks an interrupted run's NAME.tmp, which a new run may replace
@@ -231,7 +232,7 @@ def prepare(mat: Path, splits_path: Path, out: Path, depth_key: str = "depths") 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mat", required=True, help="nyu_depth_v2_labeled.mat (v7.3)")
     parser.add_argument("--splits", required=True, help="the official splits.mat")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")

@@ -14,7 +14,6 @@ so an interrupted run continues where it stopped. Decoding uses PyAV (``pip inst
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from imagebind_lite.cli import run_script
+from imagebind_lite.cli import OneLineArgumentParser, run_script
 from imagebind_lite.files import VIDEO_EXTS
 
 
@@ -102,7 +101,7 @@ def prepare_one(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("videos", help="folder of videos (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder (the dataset root)")
     parser.add_argument("--sample-rate", type=int, default=16000)

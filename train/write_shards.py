@@ -18,10 +18,9 @@ preprocessing options is refused.
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from imagebind_lite.cli import run_script
+from imagebind_lite.cli import OneLineArgumentParser, run_script
 from imagebind_lite.config import load_config, resolve_config_arg
 from imagebind_lite.data.manifest import load_records
 from imagebind_lite.data.shards import feature_writer, write_shards
@@ -30,7 +29,7 @@ from imagebind_lite.registry import get_modality
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="CSV or JSONL manifest (relative to --root or cwd)")
     source.add_argument("--layout", help="a standard layout (see imagebind_lite.data.adapters)")
