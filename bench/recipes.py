@@ -12,8 +12,10 @@ the same config and budget. A recipe a benchmark cannot take (the anchor's image
 1-D modality) is listed with its one-line refusal. Each run is its own process, so the peak
 memory is that run's (max RSS; the CUDA peak on a GPU).
 
-Writes the table to ``--out`` and the results to ``--json`` (default: ``--out`` with .json);
-the last stdout line is the JSON.
+Writes the table to ``--out`` and the results to ``--json`` (docs/bench/recipes.json beside the
+default ``--out``, else ``--out`` with .json),
+keeping what those files hold for the benchmarks not measured this time, so one benchmark can
+be measured again alone; the last stdout line is this sweep's JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ RECIPES = {
     "anchor_head": ["encoder.init=anchor", "encoder.trainable=head"],
 }
 CEILING = "ceiling"
+DEFAULT_OUT, DEFAULT_JSON = "docs/recipes.md", "docs/bench/recipes.json"
 
 
 def parse_args(argv=None):
@@ -56,8 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="cap every run (smoke tests)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="an override for every run (repeatable)")  # fmt: skip
-    p.add_argument("--out", default="docs/recipes.md")
-    p.add_argument("--json", help="default: --out with .json")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--json", help=f"default: {DEFAULT_JSON} for the default --out, else --out "
+                   "with .json")  # fmt: skip
     p.add_argument("--one", nargs=2, metavar=("BENCHMARK", "RECIPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.benchmarks, args.recipes = args.benchmarks.split(","), args.recipes.split(",")
@@ -158,31 +162,62 @@ def sweep(args) -> dict:
     }
 
 
-def table(summary: dict) -> str:
+def merge(sweeps: list[dict], summary: dict) -> list[dict]:
+    """The earlier sweeps without the benchmarks ``summary`` measured again, then ``summary``."""
+    again = {r["benchmark"] for r in summary["results"]}
+    kept = []
+    for old in sweeps:
+        results = [r for r in old["results"] if r["benchmark"] not in again]
+        if results:
+            kept.append({**old, "results": results})
+    return [*kept, summary]
+
+
+def read_sweeps(path: Path) -> list[dict]:
+    """The sweeps a results file holds (none if it does not exist yet)."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        return data["sweeps"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise RuntimeError(f"{path}: not a recipes results file ({one_line(err)})") from err
+
+
+def sweep_header(summary: dict) -> str:
+    return (f"`{summary['command']}` on {summary['machine']}, {summary['started']} "
+            f"(load {summary['load_before']:.1f} before, {summary['load_after']:.1f} after; "
+            f"budget: the configs' epochs x {summary['epochs_scale']:g}).")  # fmt: skip
+
+
+def benchmark_table(runs: list[dict]) -> list[str]:
+    ceil = next((r["top1"] for r in runs if r["recipe"] == CEILING and "top1" in r), None)
+    rows = ["| recipe | overrides | top-1 | ceiling - top-1 | train s | peak MiB |"]
+    rows.append("|---|---|---|---|---|---|")
+    for r in runs:
+        over = " ".join(f"`{o}`" for o in r.get("overrides", [])) or "(as shipped)"
+        if "refused" in r:
+            rows.append(f"| {r['recipe']} | {over} | n/a: {r['refused']} | | | |")
+            continue
+        gap = "" if ceil is None or r["recipe"] == CEILING else f"{ceil - r['top1']:+.3f}"
+        rows.append(
+            f"| {r['recipe']} | {over} | {r['top1']:.3f} | {gap} | "
+            f"{r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} |"
+        )
+    return rows
+
+
+def table(sweeps: list[dict]) -> str:
     rows = ["# Recipes against the supervised ceiling", ""]
-    rows += [f"`{summary['command']}` on {summary['machine']}, {summary['started']} "
-             f"(load {summary['load_before']:.1f} before, {summary['load_after']:.1f} after; "
-             f"budget: the configs' epochs x {summary['epochs_scale']:g}). Held-out top-1 "
-             "(unseen speakers, writers or scenes); the ceiling is `eval/ceiling.py` on the "
-             "same config and budget.", ""]  # fmt: skip
-    by_bench: dict = {}
-    for r in summary["results"]:
-        by_bench.setdefault(r["benchmark"], []).append(r)
-    for bench, runs in by_bench.items():
-        ceil = next((r["top1"] for r in runs if r["recipe"] == CEILING and "top1" in r), None)
-        rows += [f"## {bench}", "", "| recipe | overrides | top-1 | ceiling - top-1 | "
-                 "train s | peak MiB |", "|---|---|---|---|---|---|"]  # fmt: skip
-        for r in runs:
-            over = " ".join(f"`{o}`" for o in r.get("overrides", [])) or "(as shipped)"
-            if "refused" in r:
-                rows.append(f"| {r['recipe']} | {over} | n/a: {r['refused']} | | | |")
-                continue
-            gap = "" if ceil is None or r["recipe"] == CEILING else f"{ceil - r['top1']:+.3f}"
-            rows.append(
-                f"| {r['recipe']} | {over} | {r['top1']:.3f} | {gap} | "
-                f"{r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} |"
-            )
-        rows.append("")
+    rows += ["Held-out top-1 (unseen speakers, writers or scenes); the ceiling is "
+             "`eval/ceiling.py` on the same config and budget. Each benchmark was measured by "
+             "the command under its heading.", ""]  # fmt: skip
+    for summary in sweeps:
+        by_bench: dict = {}
+        for r in summary["results"]:
+            by_bench.setdefault(r["benchmark"], []).append(r)
+        for bench, runs in by_bench.items():
+            rows += [f"## {bench}", "", sweep_header(summary), "", *benchmark_table(runs), ""]
     return "\n".join(rows)
 
 
@@ -193,11 +228,16 @@ def main(argv=None) -> dict:
             result = one(*args.one, args)
         print(json.dumps(result))
         return result
-    summary = sweep(args)
     out = Path(args.out)
+    results = Path(
+        args.json or (DEFAULT_JSON if args.out == DEFAULT_OUT else out.with_suffix(".json"))
+    )
+    earlier = read_sweeps(results)  # a damaged file is refused before hours of training
+    summary = sweep(args)
+    sweeps = merge(earlier, summary)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, table(summary) + "\n")
-    atomic_write_json(Path(args.json or out.with_suffix(".json")), summary)
+    atomic_write_text(out, table(sweeps) + "\n")
+    atomic_write_json(results, {"sweeps": sweeps})
     print(json.dumps(summary))
     return summary
 

@@ -1,9 +1,11 @@
 """bench/recipes.py: every recipe of a benchmark under one budget, the ceiling beside them."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 TINY = "encoder.overrides={depth: 1, width: 32, heads: 2}"
@@ -16,7 +18,7 @@ def test_a_sweep_writes_the_table_and_refuses_what_a_modality_cannot_take(tmp_pa
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == json.loads(out.with_suffix(".json").read_text())
+    assert json.loads(out.with_suffix(".json").read_text()) == {"sweeps": [summary]}
     runs = {r["recipe"]: r for r in summary["results"]}
     assert list(runs) == ["imagebind", "anchor_init", "ceiling"]
     assert runs["imagebind"]["steps"] == runs["ceiling"]["steps"] == 2  # one budget
@@ -31,3 +33,38 @@ def test_an_unknown_recipe_is_one_line():
     cmd = [sys.executable, "bench/recipes.py", "--recipes", "magic"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--recipes: unknown recipe 'magic'" in proc.stderr
+
+
+def recipes_module():
+    spec = importlib.util.spec_from_file_location("recipes", REPO / "bench/recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_sweep(command, benchmarks, top1):
+    results = [
+        {"benchmark": b, "recipe": r, "overrides": [], "top1": top1, "train_seconds": 1.0,
+         "steps": 2, "peak_memory_mib": 9.0}
+        for b in benchmarks for r in ("imagebind", "ceiling")
+    ]  # fmt: skip
+    return {"command": command, "started": "now", "machine": "m", "load_before": 0.0,
+            "load_after": 0.0, "epochs_scale": 1.0, "results": results}  # fmt: skip
+
+
+def test_measuring_one_benchmark_again_keeps_the_others(tmp_path):
+    recipes = recipes_module()
+    first = fake_sweep("python bench/recipes.py", ["pen", "depth"], 0.5)
+    again = fake_sweep("python bench/recipes.py --benchmarks depth", ["depth"], 0.75)
+    sweeps = recipes.merge([first], again)
+    assert [[r["benchmark"] for r in s["results"]] for s in sweeps] == [["pen"] * 2, ["depth"] * 2]
+    assert sweeps[1]["results"][0]["top1"] == 0.75 and first["results"][2]["top1"] == 0.5
+    text = recipes.table(sweeps)
+    pen, depth = text.index("## pen"), text.index("## depth")
+    assert pen < text.index("`python bench/recipes.py` on m") < depth
+    assert depth < text.index("`python bench/recipes.py --benchmarks depth` on m")
+    assert "| imagebind | (as shipped) | 0.750 | +0.000 |" in text[depth:]
+    bad = tmp_path / "recipes.json"
+    bad.write_text('{"results": []}')
+    with pytest.raises(RuntimeError, match="recipes.json: not a recipes results file"):
+        recipes.read_sweeps(bad)
