@@ -13,9 +13,10 @@ the same config and budget. A recipe a benchmark cannot take (the anchor's image
 memory is that run's (max RSS; the CUDA peak on a GPU).
 
 Writes the table to ``--out`` and the results to ``--json`` (docs/bench/recipes.json beside the
-default ``--out``, else ``--out`` with .json),
-keeping what those files hold for the benchmarks not measured this time, so one benchmark can
-be measured again alone; the last stdout line is this sweep's JSON.
+default ``--out``, else ``--out`` with .json) after every run, so a stopped sweep keeps what it
+measured; what those files hold for other (benchmark, recipe) pairs is kept, so one recipe can
+be measured again alone (``--recipes ceiling`` places the ceiling; it runs last otherwise). The
+last stdout line is this sweep's JSON.
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ def parse_args(argv=None):
         if name not in BENCHMARKS:
             p.error(f"--benchmarks: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
     for name in args.recipes:
-        if name not in RECIPES:
-            p.error(f"--recipes: unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+        if name not in RECIPES and name != CEILING:
+            p.error(f"--recipes: unknown recipe {name!r} (known: {', '.join(RECIPES)}, ceiling)")
+    if CEILING not in args.recipes:
+        args.recipes.append(CEILING)  # last unless placed
     if args.epochs_scale <= 0:
         p.error("--epochs-scale must be positive")
     return args
@@ -139,35 +142,38 @@ def child(benchmark: str, recipe: str, args) -> dict:
     return {
         "benchmark": benchmark,
         "recipe": recipe,
-        "overrides": RECIPES[recipe],
+        "overrides": RECIPES.get(recipe, []),
         "refused": reason,
     }
 
 
-def sweep(args) -> dict:
-    started, load = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()[0]
-    results = []
-    for benchmark in args.benchmarks:
-        for recipe in [*args.recipes, CEILING]:
-            results.append(child(benchmark, recipe, args))
-            print(json.dumps(results[-1]), flush=True)
-    return {
+def sweep(args, save) -> dict:
+    """Every run in order; ``save(summary)`` after each, so a stopped sweep keeps what it ran."""
+    summary = {
         "command": " ".join(["python", "bench/recipes.py", *sys.argv[1:]]),
-        "started": started,
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "load_before": load,
-        "load_after": os.getloadavg()[0],
+        "load_before": os.getloadavg()[0],
         "epochs_scale": args.epochs_scale,
-        "results": results,
+        "planned": len(args.benchmarks) * len(args.recipes),
+        "results": [],
     }
+    for benchmark in args.benchmarks:
+        for recipe in args.recipes:
+            summary["results"].append(child(benchmark, recipe, args))
+            summary["load_after"] = os.getloadavg()[0]
+            print(json.dumps(summary["results"][-1]), flush=True)
+            save(summary)
+    return summary
 
 
 def merge(sweeps: list[dict], summary: dict) -> list[dict]:
-    """The earlier sweeps without the benchmarks ``summary`` measured again, then ``summary``."""
-    again = {r["benchmark"] for r in summary["results"]}
+    """The earlier sweeps without the (benchmark, recipe) runs ``summary`` measured again, then
+    ``summary``: one recipe can be measured again alone."""
+    again = {(r["benchmark"], r["recipe"]) for r in summary["results"]}
     kept = []
     for old in sweeps:
-        results = [r for r in old["results"] if r["benchmark"] not in again]
+        results = [r for r in old["results"] if (r["benchmark"], r["recipe"]) not in again]
         if results:
             kept.append({**old, "results": results})
     return [*kept, summary]
@@ -178,46 +184,54 @@ def read_sweeps(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        data = json.loads(path.read_text())
-        return data["sweeps"]
+        return list(json.loads(path.read_text())["sweeps"])
     except (ValueError, KeyError, TypeError) as err:
         raise RuntimeError(f"{path}: not a recipes results file ({one_line(err)})") from err
 
 
-def sweep_header(summary: dict) -> str:
+def sweep_line(summary: dict) -> str:
+    done, planned = len(summary["results"]), summary.get("planned", len(summary["results"]))
+    stopped = f"; stopped after {done} of {planned} runs" if done < planned else ""
     return (f"`{summary['command']}` on {summary['machine']}, {summary['started']} "
             f"(load {summary['load_before']:.1f} before, {summary['load_after']:.1f} after; "
-            f"budget: the configs' epochs x {summary['epochs_scale']:g}).")  # fmt: skip
+            f"budget: the configs' epochs x {summary['epochs_scale']:g}{stopped})")  # fmt: skip
 
 
-def benchmark_table(runs: list[dict]) -> list[str]:
-    ceil = next((r["top1"] for r in runs if r["recipe"] == CEILING and "top1" in r), None)
-    rows = ["| recipe | overrides | top-1 | ceiling - top-1 | train s | peak MiB |"]
-    rows.append("|---|---|---|---|---|---|")
-    for r in runs:
+def benchmark_rows(runs: list[tuple[int, dict]], by: bool) -> list[str]:
+    """One benchmark's table; ``runs`` are (sweep number, result), ``by`` adds that number."""
+    ceil = next((r["top1"] for _, r in runs if r["recipe"] == CEILING and "top1" in r), None)
+    head = "| recipe | overrides | top-1 | ceiling - top-1 | train s | peak MiB |"
+    rows = [head + (" by |" if by else ""), "|---" * (7 if by else 6) + "|"]
+    for number, r in runs:
         over = " ".join(f"`{o}`" for o in r.get("overrides", [])) or "(as shipped)"
         if "refused" in r:
-            rows.append(f"| {r['recipe']} | {over} | n/a: {r['refused']} | | | |")
-            continue
-        gap = "" if ceil is None or r["recipe"] == CEILING else f"{ceil - r['top1']:+.3f}"
-        rows.append(
-            f"| {r['recipe']} | {over} | {r['top1']:.3f} | {gap} | "
-            f"{r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} |"
-        )
+            row = f"| {r['recipe']} | {over} | n/a: {r['refused']} | | | |"
+        else:
+            gap = "" if ceil is None or r["recipe"] == CEILING else f"{ceil - r['top1']:+.3f}"
+            row = (f"| {r['recipe']} | {over} | {r['top1']:.3f} | {gap} | "
+                   f"{r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} |")  # fmt: skip
+        rows.append(row + (f" [{number}] |" if by else ""))
     return rows
 
 
 def table(sweeps: list[dict]) -> str:
     rows = ["# Recipes against the supervised ceiling", ""]
     rows += ["Held-out top-1 (unseen speakers, writers or scenes); the ceiling is "
-             "`eval/ceiling.py` on the same config and budget. Each benchmark was measured by "
-             "the command under its heading.", ""]  # fmt: skip
-    for summary in sweeps:
-        by_bench: dict = {}
-        for r in summary["results"]:
-            by_bench.setdefault(r["benchmark"], []).append(r)
-        for bench, runs in by_bench.items():
-            rows += [f"## {bench}", "", sweep_header(summary), "", *benchmark_table(runs), ""]
+             "`eval/ceiling.py` on the same config and budget. Under each benchmark, the "
+             "command that measured it.", ""]  # fmt: skip
+    order = [*RECIPES, CEILING]
+    benchmarks = dict.fromkeys(r["benchmark"] for s in sweeps for r in s["results"])
+    for bench in benchmarks:
+        runs = [(n, r) for n, s in enumerate(sweeps, 1) for r in s["results"]]
+        runs = sorted(((n, r) for n, r in runs if r["benchmark"] == bench),
+                      key=lambda nr: order.index(nr[1]["recipe"]))  # fmt: skip
+        numbers = list(dict.fromkeys(n for n, _ in runs))
+        rows += [f"## {bench}", ""]
+        if len(numbers) == 1:
+            rows += [sweep_line(sweeps[numbers[0] - 1]) + ".", ""]
+        else:
+            rows += [f"[{n}] {sweep_line(sweeps[n - 1])}." for n in numbers] + [""]
+        rows += [*benchmark_rows(runs, len(numbers) > 1), ""]
     return "\n".join(rows)
 
 
@@ -233,11 +247,15 @@ def main(argv=None) -> dict:
         args.json or (DEFAULT_JSON if args.out == DEFAULT_OUT else out.with_suffix(".json"))
     )
     earlier = read_sweeps(results)  # a damaged file is refused before hours of training
-    summary = sweep(args)
-    sweeps = merge(earlier, summary)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, table(sweeps) + "\n")
-    atomic_write_json(results, {"sweeps": sweeps})
+    results.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(summary: dict) -> None:
+        sweeps = merge(earlier, summary)
+        atomic_write_text(out, table(sweeps) + "\n")
+        atomic_write_json(results, {"sweeps": sweeps})
+
+    summary = sweep(args, save)
     print(json.dumps(summary))
     return summary
 

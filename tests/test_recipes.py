@@ -49,21 +49,28 @@ def fake_sweep(command, benchmarks, top1):
         for b in benchmarks for r in ("imagebind", "ceiling")
     ]  # fmt: skip
     return {"command": command, "started": "now", "machine": "m", "load_before": 0.0,
-            "load_after": 0.0, "epochs_scale": 1.0, "results": results}  # fmt: skip
+            "load_after": 0.0, "epochs_scale": 1.0, "planned": len(results),
+            "results": results}  # fmt: skip
 
 
-def test_measuring_one_benchmark_again_keeps_the_others(tmp_path):
+def test_measuring_one_recipe_again_keeps_the_other_runs(tmp_path):
     recipes = recipes_module()
     first = fake_sweep("python bench/recipes.py", ["pen", "depth"], 0.5)
     again = fake_sweep("python bench/recipes.py --benchmarks depth", ["depth"], 0.75)
+    again["results"] = again["results"][:1]  # depth/imagebind only, stopped before its ceiling
     sweeps = recipes.merge([first], again)
-    assert [[r["benchmark"] for r in s["results"]] for s in sweeps] == [["pen"] * 2, ["depth"] * 2]
-    assert sweeps[1]["results"][0]["top1"] == 0.75 and first["results"][2]["top1"] == 0.5
+    kept = [(r["benchmark"], r["recipe"]) for r in sweeps[0]["results"]]
+    assert kept == [("pen", "imagebind"), ("pen", "ceiling"), ("depth", "ceiling")]
     text = recipes.table(sweeps)
     pen, depth = text.index("## pen"), text.index("## depth")
     assert pen < text.index("`python bench/recipes.py` on m") < depth
-    assert depth < text.index("`python bench/recipes.py --benchmarks depth` on m")
-    assert "| imagebind | (as shipped) | 0.750 | +0.000 |" in text[depth:]
+    assert "| imagebind | (as shipped) | 0.500 | +0.000 | 1 | 9 |" in text[pen:depth]
+    # depth: rows from two sweeps, each marked; the gap is to the ceiling that was kept
+    assert "[1] `python bench/recipes.py` on m" in text[depth:]
+    assert "[2] `python bench/recipes.py --benchmarks depth` on m" in text[depth:]
+    assert "stopped after 1 of 2 runs" in text[depth:]
+    assert "| imagebind | (as shipped) | 0.750 | -0.250 | 1 | 9 | [2] |" in text[depth:]
+    assert "| ceiling | (as shipped) | 0.500 |  | 1 | 9 | [1] |" in text[depth:]
     bad = tmp_path / "recipes.json"
     bad.write_text('{"results": []}')
     with pytest.raises(RuntimeError, match="recipes.json: not a recipes results file"):
