@@ -230,7 +230,7 @@ def table(sweeps: list[dict]) -> str:
         if len(numbers) == 1:
             rows += [sweep_line(sweeps[numbers[0] - 1]) + ".", ""]
         else:
-            rows += [f"[{n}] {sweep_line(sweeps[n - 1])}." for n in numbers] + [""]
+            rows += [f"- [{n}] {sweep_line(sweeps[n - 1])}" for n in numbers] + [""]
         rows += [*benchmark_rows(runs, len(numbers) > 1), ""]
     return "\n".join(rows)
 
