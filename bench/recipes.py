@@ -161,7 +161,7 @@ def sweep(args, save) -> dict:
     for benchmark in args.benchmarks:
         for recipe in args.recipes:
             summary["results"].append(child(benchmark, recipe, args))
-            summary["load_after"] = os.getloadavg()[0]
+            summary["ran"], summary["load_after"] = len(summary["results"]), os.getloadavg()[0]
             print(json.dumps(summary["results"][-1]), flush=True)
             save(summary)
     return summary
@@ -190,7 +190,9 @@ def read_sweeps(path: Path) -> list[dict]:
 
 
 def sweep_line(summary: dict) -> str:
-    done, planned = len(summary["results"]), summary.get("planned", len(summary["results"]))
+    # "ran", not the results kept: a later sweep may have measured some of them again.
+    done = summary.get("ran", len(summary["results"]))
+    planned = summary.get("planned", done)
     stopped = f"; stopped after {done} of {planned} runs" if done < planned else ""
     return (f"`{summary['command']}` on {summary['machine']}, {summary['started']} "
             f"(load {summary['load_before']:.1f} before, {summary['load_after']:.1f} after; "
