@@ -80,6 +80,7 @@ from imagebind_lite.train import (  # noqa: E402
     AlignmentModule,
     AlignmentObjective,
     StepContext,
+    adamw,
     param_groups,
     train_step,
 )
@@ -287,7 +288,7 @@ def build_step(args, accelerator, anchor, preprocess: dict, feed: str):
     )
     params = sum(p.numel() for p in encoder.parameters())
     model = AlignmentModule(encoder)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = adamw(param_groups(model, 0.2), 1e-4, (0.9, 0.95), accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     prepare = None
     if feed == "device":

@@ -2,6 +2,7 @@
 
     python bench/gpu_audio_step.py [--batch 64] [--steps 20] [--warmup 5] [--precision bf16]
                                    [--peak-tflops 989] [--grad-checkpointing] [--compile]
+                                   [--compile-mode max-autotune-no-cudagraphs] [--foreach-adamw]
     python bench/gpu_audio_step.py --device cpu --steps 2 --batch 2     # CPU smoke run
 
 Without a GPU and without ``--device cpu`` it stops with one line saying so (an ImageBind-size
@@ -10,8 +11,9 @@ step takes minutes on a CPU, so it does not fall back silently).
 The encoder is ``build_encoder("audio", 1024, "imagebind")`` (ViT-B: width 768, 12 blocks, 12
 heads, learned bias_k/bias_v, drop path 0.1) on random fbank input [B, 1, 128, 204] (12 x 19
 patches + CLS = 229 tokens) with random anchor embeddings, so the step is exactly what
-``train_step`` runs with a cached anchor: forward, InfoNCE, backward, clip, AdamW, under
-Accelerate's ``mixed_precision``.
+``train_step`` runs with a cached anchor: forward, InfoNCE, backward, clip, AdamW (fused on
+CUDA, as in training; ``--foreach-adamw`` for the multi-tensor path), under Accelerate's
+``mixed_precision``.
 
 MFU counts the matmul FLOPs of the model analytically (per sample, forward): patch projection
 2*P*k*k*D, per block QKV 6*L*D^2, scores and weighted sum 4*L*(L+1)*D (the +1 is the bias_k/v
@@ -42,6 +44,7 @@ from imagebind_lite.train import (
     AlignmentModule,
     AlignmentObjective,
     StepContext,
+    adamw,
     param_groups,
     train_step,
 )
@@ -113,6 +116,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
+        help="torch.compile's mode (implies --compile); default: default",
+    )
+    parser.add_argument(
+        "--foreach-adamw",
+        action="store_true",
+        help="AdamW's multi-tensor path instead of the fused kernel, to compare",
+    )
     return parser.parse_args(argv)
 
 
@@ -168,9 +182,14 @@ def main(argv=None) -> dict:
     flops = forward_flops_per_sample(encoder, EMBED_DIM)
     params = sum(p.numel() for p in encoder.parameters())
     model = AlignmentModule(encoder)
-    if args.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4, betas=(0.9, 0.95))
+    if args.compile or args.compile_mode:
+        model = torch.compile(model, mode=args.compile_mode)
+    groups = param_groups(model, 0.2)
+    if args.foreach_adamw:
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    else:
+        optimizer = adamw(groups, 1e-4, (0.9, 0.95), accelerator.device)
+    fused = bool(optimizer.defaults.get("fused"))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     g = torch.Generator().manual_seed(1)
@@ -220,7 +239,9 @@ def main(argv=None) -> dict:
             "warmup_seconds": warmup_seconds,
             "precision": accelerator.mixed_precision,
             "grad_checkpointing": args.grad_checkpointing,
-            "compile": args.compile,
+            "compile": bool(args.compile or args.compile_mode),
+            "compile_mode": args.compile_mode or ("default" if args.compile else None),
+            "adamw": "fused" if fused else ("foreach" if args.foreach_adamw else "default"),
             "size_fields": resolve_size("audio", args.size, overrides),
             "torch": torch.__version__,
         },

@@ -339,6 +339,16 @@ COMMANDS = {
     "python bench/gpu_audio_step.py --batch 256 --compile": Run(
         extra="--batch 2 --steps 1 --warmup 0", rewrite={"--compile": "--device cpu --depth 1"}
     ),
+    "python bench/gpu_audio_step.py --batch 256 --compile --foreach-adamw": Run(
+        extra="--batch 2 --steps 1 --warmup 0", rewrite={"--compile": "--device cpu --depth 1"}
+    ),
+    "python bench/gpu_audio_step.py --batch 512 --compile": Run(
+        extra="--batch 2 --steps 1 --warmup 0", rewrite={"--compile": "--device cpu --depth 1"}
+    ),
+    "python bench/gpu_audio_step.py --batch 256 --compile-mode max-autotune-no-cudagraphs": Run(
+        extra="--batch 2 --steps 1 --warmup 0",
+        rewrite={"--compile-mode max-autotune-no-cudagraphs": "--device cpu --depth 1"},
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """End to end: a tiny run, two real ranks through accelerate launch, and kill -9 + --resume
 (the tiny depth run, and the default audio run with its drop path, stopped at a fixed step)."""
 
+import copy
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from imagebind_lite.train import (
     AlignmentModule,
     AlignmentObjective,
     StepContext,
+    adamw,
     latest_checkpoint,
     param_groups,
     train,
@@ -139,6 +141,32 @@ def test_step_leaves_the_anchor_untouched_and_trains_the_encoder():
     # The optimizer holds exactly the encoder's parameters, none of the anchor's.
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in encoder.parameters()}
+
+
+def test_adamw_is_fused_where_the_run_trains_on_cuda():
+    def groups():
+        return param_groups(torch.nn.Linear(4, 4), 0.05)
+
+    assert not adamw(groups(), 1e-3, (0.9, 0.95), torch.device("cpu")).defaults["fused"]
+    # Chosen by the run's device; the kernel checks the parameters at the first step.
+    assert adamw(groups(), 1e-3, (0.9, 0.95), torch.device("cuda", 0)).defaults["fused"]
+
+
+@pytest.mark.gpu
+def test_fused_adamw_on_cuda_takes_the_multi_tensor_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64)).cuda()
+    models = [model, copy.deepcopy(model)]
+    fused = adamw(param_groups(models[0], 0.05), 1e-2, (0.9, 0.95), torch.device("cuda"))
+    multi = torch.optim.AdamW(param_groups(models[1], 0.05), lr=1e-2, betas=(0.9, 0.95))
+    x = torch.randn(16, 64, device="cuda")
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, multi)):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _launch(args, tmp_path, **kw):

@@ -227,6 +227,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw(param_groups: list[dict], lr: float, betas, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, with the fused kernel on CUDA: one launch updates every parameter, where the
+    multi-tensor path makes several passes over parameters, gradients and moments."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), fused=fused)
+
+
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -266,7 +273,7 @@ def prepare_run(task: Task, accelerator: Accelerator) -> Run:
     """The task's parts -> prepared model, AdamW, loader and the warm-up/cosine schedule."""
     s = task.settings
     parts = task.build(accelerator)
-    optimizer = torch.optim.AdamW(parts.param_groups, lr=s.lr, betas=tuple(s.betas))
+    optimizer = adamw(parts.param_groups, s.lr, s.betas, accelerator.device)
     if parts.step_batches:
         loader = step_loader(parts.train_set, s)
         model, optimizer = accelerator.prepare(parts.model, optimizer)
