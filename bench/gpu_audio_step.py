@@ -164,6 +164,19 @@ def timed_steps(step, warmup: int, steps: int, device) -> tuple[float, list, lis
     return warmup_seconds, times, losses
 
 
+def prepared_step(args, accelerator, encoder):
+    """(model, AdamW) prepared by Accelerate; compiled and with the AdamW that args ask for."""
+    model = AlignmentModule(encoder)
+    if args.compile or args.compile_mode:
+        model = torch.compile(model, mode=args.compile_mode)
+    groups = param_groups(model, 0.2)
+    if args.foreach_adamw:
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    else:
+        optimizer = adamw(groups, 1e-4, (0.9, 0.95), accelerator.device)
+    return accelerator.prepare(model, optimizer)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = checked_device(args)
@@ -181,16 +194,8 @@ def main(argv=None) -> dict:
     )
     flops = forward_flops_per_sample(encoder, EMBED_DIM)
     params = sum(p.numel() for p in encoder.parameters())
-    model = AlignmentModule(encoder)
-    if args.compile or args.compile_mode:
-        model = torch.compile(model, mode=args.compile_mode)
-    groups = param_groups(model, 0.2)
-    if args.foreach_adamw:
-        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)
-    else:
-        optimizer = adamw(groups, 1e-4, (0.9, 0.95), accelerator.device)
+    model, optimizer = prepared_step(args, accelerator, encoder)
     fused = bool(optimizer.defaults.get("fused"))
-    model, optimizer = accelerator.prepare(model, optimizer)
 
     g = torch.Generator().manual_seed(1)
     batch = {

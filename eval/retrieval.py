@@ -48,7 +48,7 @@ def parse_directions(text):
     return out
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
@@ -88,37 +88,23 @@ def main(argv=None) -> dict:
     if args.bound or args.pair:
         if not (args.bound and args.pair) or args.checkpoint:
             parser.error("--bound DIR takes --pair A B (and no --checkpoint)")
-        return bound_pair(args)
-    if not args.checkpoint:
+    elif not args.checkpoint:
         parser.error("give --checkpoint RUN (repeatable) or --bound DIR --pair A B")
+    elif args.dataset and not args.manifest and not args.root:
+        parser.error("--dataset needs --root DIR")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.bound:
+        return bound_pair(args)
     progress = not args.no_progress
     ks = [int(k) for k in args.ks.split(",")]
     with one_line_errors():
         space = Space.from_runs(args.checkpoint, args.device, trust_code=args.trust_code)
         if args.dataset or args.manifest:
-            if args.manifest:
-                from imagebind_lite.data.manifest import read_manifest
-
-                root = Path(args.root) if args.root else Path(args.manifest).parent
-                records, _ = read_manifest(args.manifest, root)
-                name = Path(args.manifest).stem
-            else:
-                if not args.root:
-                    parser.error("--dataset needs --root DIR")
-                layout, options = layout_for(args.dataset)
-                root = Path(args.root)
-                records, _ = read_layout(layout, root, **{**options, **parse_options(args.option)})
-                name = args.dataset
-            collections = record_collections(
-                space,
-                records,
-                root,
-                None,
-                args.batch_size,
-                args.num_workers,
-                progress,
-                args.embeddings_cache,
-            )
+            collections, name = dataset_collections(space, args, progress)
         else:
             collections, name = {}, "run"
             for run in args.checkpoint:
@@ -135,6 +121,32 @@ def main(argv=None) -> dict:
     write_json(out, {"checkpoints": args.checkpoint, "dataset": name, "retrieval": results})
     print(f"wrote {out}")
     return results
+
+
+def dataset_collections(space, args, progress: bool) -> tuple[dict, str]:
+    """(modality -> collection, name) of the records of ``--manifest`` or ``--dataset``."""
+    if args.manifest:
+        from imagebind_lite.data.manifest import read_manifest
+
+        root = Path(args.root) if args.root else Path(args.manifest).parent
+        records, _ = read_manifest(args.manifest, root)
+        name = Path(args.manifest).stem
+    else:
+        layout, options = layout_for(args.dataset)
+        root = Path(args.root)
+        records, _ = read_layout(layout, root, **{**options, **parse_options(args.option)})
+        name = args.dataset
+    collections = record_collections(
+        space,
+        records,
+        root,
+        None,
+        args.batch_size,
+        args.num_workers,
+        progress,
+        args.embeddings_cache,
+    )
+    return collections, name
 
 
 def bound_pair(args) -> dict:

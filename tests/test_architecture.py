@@ -1,7 +1,8 @@
 """The package's structure, read from its source with ``ast``: no module-level import cycle,
 dependencies running one way through the layers, registries that are leaves, function-level
 imports only for optional heavy dependencies, no branch on a modality's name outside
-``imagebind_lite/modalities/``, and an evaluation mode on every dataset class."""
+``imagebind_lite/modalities/``, an evaluation mode on every dataset class, and no function
+over 80 lines in the package, train/, eval/ or bench/."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import inspect
 from pathlib import Path
 
 import torch
+from conftest import REPO
 
 import imagebind_lite
 from imagebind_lite.registry import list_modalities
@@ -344,3 +346,34 @@ def test_public_import_paths_still_work():
         import_modality_file,
         resolve_size,
     )
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(paths) -> list[str]:
+    """``path:line name (N lines)`` for each function or method longer than the ceiling."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    paths = [*PACKAGE.rglob("*.py")]
+    for folder in ("train", "eval", "bench"):
+        paths += (REPO / folder).glob("*.py")
+    assert len(paths) > 60
+    assert long_functions(paths) == []
+
+
+def test_the_length_checker_counts_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions([tmp_path / "long.py"]) == [
+        f"{tmp_path / 'long.py'}:5 long ({MAX_FUNCTION_LINES + 1} lines)"
+    ]
