@@ -62,7 +62,7 @@ from train_step import _machine  # noqa: E402
 
 from imagebind_lite.anchor import Anchor  # noqa: E402
 from imagebind_lite.cache import attach_anchor_cache, write_anchor_cache  # noqa: E402
-from imagebind_lite.cli import OneLineArgumentParser, run_script  # noqa: E402
+from imagebind_lite.cli import OneLineArgumentParser, device_arg, run_script  # noqa: E402
 from imagebind_lite.config import AnchorConfig, load_config, resolve_config_arg  # noqa: E402
 from imagebind_lite.data import avmnist  # noqa: E402
 from imagebind_lite.data.adapters import Record  # noqa: E402
@@ -94,7 +94,9 @@ def parse_args(argv=None):
     parser.add_argument("--shards", help="a shards folder (default: written here from FSDD)")
     parser.add_argument("--feed", choices=FEEDS, default=None, help="default: from the shards")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (0: inline)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--encoder-size", default="imagebind", help="audio encoder size")
     parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 2 on CPU")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")

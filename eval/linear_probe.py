@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.linear_probe import (
     DEFAULT_GRID,
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", help="JSON output (default RUN/eval/linear_probe_NAME.json)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ different meaning stay apart (cosine below --threshold).
 
 from pathlib import Path
 
-from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.evaluation.probes import as_dicts, format_probe_table, run_probes
 from imagebind_lite.evaluation.protocols import run_collections
 from imagebind_lite.evaluation.report import run_normalisation, write_json
@@ -35,7 +35,7 @@ def main(argv=None) -> list:
     parser.add_argument("--scenes", type=int, default=200, help="rendered scenes per probe")
     parser.add_argument("--out", help="JSON output (default FIRST_RUN/eval/probes.json)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

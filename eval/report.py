@@ -7,7 +7,7 @@ matrix of a sample batch, a PCA projection of the shared space, retrieval tables
 top-k lists, the geometry of the space, the limitation-probe table and the training curve.
 """
 
-from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.evaluation.report import build_report
 from imagebind_lite.evaluation.space import Space
 
@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--shots", default="1,5,10,all")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from imagebind_lite.bind import format_emergent, pair_retrieval
 from imagebind_lite.bound import BoundModel
-from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import (
     cross_modal_retrieval,
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="JSON output (default FIRST_RUN/eval/retrieval_NAME.json)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

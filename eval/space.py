@@ -17,7 +17,7 @@ the run's anchor; other modalities through the encoder of a --checkpoint trained
 import argparse
 import sys
 
-from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.evaluation.space import (
     Space,
     SpaceError,
@@ -86,7 +86,7 @@ def add_common(parser, suffix: str = "") -> None:
         default=[],
         help="a run folder (its anchor, and its encoder); repeatable",
     )
-    parser.add_argument("--device", dest="device" + suffix, default=None)
+    parser.add_argument("--device", dest="device" + suffix, type=device_arg, default=None)
     parser.add_argument(
         "--trust-code", dest="trust_code" + suffix, action="store_true", help=TRUST_CODE_HELP
     )

@@ -10,7 +10,7 @@ Prints a table beside the published numbers and writes JSON (default RUN/eval/ze
 
 from pathlib import Path
 
-from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, one_line_errors
+from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.evaluation.protocols import (
     PROTOCOLS,
     evaluate_protocol,
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", help="JSON output (default RUN/eval/zero_shot_NAME.json)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list the protocols and exit")

@@ -76,6 +76,18 @@ def ensure_modality(
     import_modality_file(source)
 
 
+def _what_is_there(folder: Path) -> str:
+    """A hint for a folder given where a model was expected: the runs inside it, or a run that
+    has checkpoints but has not finished."""
+    runs = sorted(str(p.parent.parent) for p in folder.glob("*/model/config.json"))
+    if runs:
+        more = f" and {len(runs) - 3} more" if len(runs) > 3 else ""
+        return f" (it holds runs: {', '.join(runs[:3])}{more})"
+    if (folder / "checkpoints").is_dir():
+        return " (a run with checkpoints but no model/ yet: it has not finished; --resume it)"
+    return ""
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu", trust_code: bool = False):
     """Rebuild a saved encoder from its folder. Returns ``(encoder, config_dict)``. Code in the
     folder (``modality.py``) runs only with ``trust_code=True`` (:func:`ensure_modality`)."""
@@ -83,7 +95,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", trust_cod
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"not a saved imagebind_lite model: {path} is missing")
+            raise FileNotFoundError(
+                f"not a saved imagebind_lite model: {path} is missing{_what_is_there(folder)}"
+            )
     config = json.loads(config_path.read_text())
     if config.get("format") != MODEL_FORMAT:
         raise ValueError(f"{config_path}: unknown model format {config.get('format')!r}")

@@ -83,17 +83,39 @@ def positive_int(text: str) -> int:
     return value
 
 
-def available_device(text: str):
-    """``--device TEXT`` as a ``torch.device`` this machine has, else a one-line ValueError."""
+def _device_problem(text: str) -> str | None:
+    """Why this machine cannot run on device ``text``, or None when it can."""
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"--device: unknown device {text!r} (cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text}: no CUDA GPU on this machine (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
+        return f"unknown device {text!r} (cpu, cuda, cuda:N or mps)"
+    if device.type == "cpu":
+        return None
+    have = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if have is None or have.type != device.type:
+        found = f"its accelerator is {have.type}" if have else "it has none"
+        name = "CUDA GPU" if device.type == "cuda" else f"{device.type} device"
+        return f"no {name} on this machine ({found}; use --device cpu)"
+    count = torch.accelerator.device_count()
+    if (device.index or 0) >= count:
+        return f"this machine has {count} {device.type} device(s)"
+    return None
+
+
+def available_device(text: str) -> torch.device:
+    """``--device TEXT`` as a ``torch.device`` this machine has, else a one-line ValueError."""
+    problem = _device_problem(text)
+    if problem:
+        raise ValueError(f"--device {text}: {problem}")
+    return torch.device(text)
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for ``--device``: the text, once this machine is known to have it."""
+    problem = _device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def run_script(main: Callable, ok: Callable = lambda result: True) -> None:

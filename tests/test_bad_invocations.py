@@ -77,13 +77,13 @@ CASES = [
     ("bench/audio_compare.py", ["no-such-rev", "data"], "at revision 'no-such-rev'"),
     ("bench/make_long_audio.py", ["nowhere", "out"], "source: no such folder: nowhere"),
     ("bench/make_long_audio.py", ["data", "out"], "no WAV or FLAC files under data"),
-    ("bench/encoder.py", ["--device", "nosuch"], "--device: unknown device 'nosuch'"),
+    ("bench/encoder.py", ["--device", "nosuch"], "--device nosuch: unknown device 'nosuch'"),
     ("bench/encoder.py", ["--modality", "nosuch"], "unknown modality 'nosuch'"),
     # Without a GPU the ImageBind-size step says so rather than crawl on the CPU.
     (
         "bench/gpu_audio_step.py",
         [] if not torch.cuda.is_available() else ["--device", "cuda:99"],
-        "no CUDA GPU on this machine" if not torch.cuda.is_available() else "GPU(s)",
+        "no CUDA GPU on this machine" if not torch.cuda.is_available() else "cuda device(s)",
     ),
     ("bench/gpu_audio_step.py", ["--device", "cpu", "--precision", "fp8"], "invalid choice"),
     ("bench/loss_memory.py", ["--global-batch", "512,abc"], "--global-batch: expected a whole"),
@@ -126,6 +126,39 @@ def test_bench_arguments_fail_in_one_line_in_process(capsys):
         assert err.startswith("error: bench.py: ") and message in err
 
 
+# A device this machine lacks: any CUDA GPU here, else one past the last.
+MISSING_GPU, MISSING_GPU_SAYS = (
+    ("cuda", "no CUDA GPU on this machine")
+    if not torch.cuda.is_available()
+    else ("cuda:99", f"this machine has {torch.cuda.device_count()} cuda device(s)")
+)
+DEVICE_SCRIPTS = ["linear_probe", "probes", "report", "retrieval", "space", "zero_shot"]
+
+
+@pytest.mark.parametrize("script", DEVICE_SCRIPTS)
+@pytest.mark.parametrize(
+    "device, message",
+    [(MISSING_GPU, MISSING_GPU_SAYS), ("mps", "no mps device"), ("gpu0", "unknown device")],
+)
+def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(
+    tmp_path, script, device, message
+):
+    proc = invoke(tmp_path, f"eval/{script}.py", "--checkpoint", "RUN", "--device", device)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: {script}.py: argument --device: ")
+    assert message in proc.stderr
+
+
+def test_device_arg_passes_what_this_machine_has():
+    from imagebind_lite.cli import available_device, device_arg
+
+    assert device_arg("cpu") == "cpu" and available_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert device_arg("cuda:0") == "cuda:0"
+    with pytest.raises(ValueError, match=r"^--device mps: no mps device on this machine"):
+        available_device("mps")
+
+
 SCRIPTS = sorted(
     str(p.relative_to(REPO)) for d in ("train", "eval") for p in (REPO / d).glob("*.py")
 )
@@ -137,3 +170,19 @@ def test_a_wrong_flag_is_one_usage_line(tmp_path, script):
     name = script.rpartition("/")[2]
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
     assert proc.stderr.startswith(f"error: {name}") and not any(tmp_path.iterdir())
+
+
+def test_a_folder_that_is_no_model_says_what_it_holds(tmp_path):
+    from imagebind_lite.checkpoint import load_run
+
+    (tmp_path / "runs" / "a" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "model" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "k" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(
+        FileNotFoundError, match=r"config.json is missing \(it holds runs: \S+/a\)$"
+    ):
+        load_run(tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match=r"no model/ yet: it has not finished; --resume it"):
+        load_run(tmp_path / "runs" / "k")
+    with pytest.raises(FileNotFoundError, match=r"k/checkpoints/config.json is missing$"):
+        load_run(tmp_path / "runs" / "k" / "checkpoints")
