@@ -8,11 +8,13 @@ embedding dimension.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import AnchorConfig, ConfigError
@@ -67,6 +69,37 @@ def validate_anchor_config(cfg: AnchorConfig) -> tuple[str, str | None]:
     return cfg.model, pretrained
 
 
+# What open_clip, torch.load and safetensors raise for weights that cannot be had or do not fit.
+LOAD_ERRORS = (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _open_clip_model(model_name: str, pretrained: str | None, device):
+    """open_clip's (model, train transform, preprocess); weights that do not load are one line
+    naming ``anchor.pretrained``."""
+    try:
+        return open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device
+        )
+    except LOAD_ERRORS as err:
+        if pretrained is None or isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ConfigError(f"anchor.pretrained: {_not_loaded(model_name, pretrained, err)}") from err
+
+
+def _not_loaded(model_name: str, pretrained: str, err: Exception) -> str:
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()] or [""]
+    first = lines[0] if len(lines[0]) <= 240 else lines[0][:240] + "..."
+    if not _looks_like_path(pretrained):
+        return (
+            f"could not fetch open_clip's {pretrained!r} weights of {model_name} (offline? a "
+            f"downloaded checkpoint file works too): {first}"
+        )
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return f"{pretrained} does not fit open_clip's {model_name}: {lines[1][:300]}{more}"
+    return f"{pretrained}: not a readable checkpoint ({type(err).__name__}: {first})"
+
+
 def file_sha256(path: str | Path, limit: int | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -84,9 +117,7 @@ class Anchor(nn.Module):
         self.config = cfg
         self.model_name = model_name
         self.pretrained = pretrained
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device
-        )
+        model, _, preprocess = _open_clip_model(model_name, pretrained, device)
         model.requires_grad_(False)
         model.eval()
         self.model = model

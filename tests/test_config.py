@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
+from safetensors.torch import save_file
 
-from imagebind_lite.config import ConfigError, TrainConfig, load_config
+from imagebind_lite.anchor import Anchor
+from imagebind_lite.config import AnchorConfig, ConfigError, TrainConfig, load_config
 from imagebind_lite.train import validate_config
 
 
@@ -106,3 +109,53 @@ def test_patch_dropout_refuses_a_stem_with_one_token():
     with pytest.raises(ConfigError, match="encoder.patch_dropout: the imu encoder at this size"):
         validate_config(cfg)
     validate_config(load_config(None, ["encoder.patch_dropout=0.5"]))
+
+
+def _anchor_weights(tmp_path, drop: str | None = None):
+    """The shipped tiny anchor's weights as a plain open_clip checkpoint file."""
+    weights = Anchor(AnchorConfig()).model.state_dict()
+    if drop:
+        weights = {k: v for k, v in weights.items() if not k.startswith(drop)}
+    path = tmp_path / "anchor.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    return path
+
+
+def test_an_anchor_checkpoint_file_loads_and_one_that_does_not_fit_is_one_line(tmp_path):
+    path = _anchor_weights(tmp_path)
+    loaded = Anchor(AnchorConfig(pretrained=str(path)))
+    shipped = Anchor(AnchorConfig())
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), shipped.state_dict().values())
+    )
+    path = _anchor_weights(tmp_path, drop="visual.proj")
+    with pytest.raises(ConfigError) as err:
+        Anchor(AnchorConfig(pretrained=str(path)))
+    message = str(err.value)
+    assert message.startswith(f"anchor.pretrained: {path} does not fit open_clip's tiny-clip-32: ")
+    assert "visual.proj" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
+def test_an_unreadable_anchor_checkpoint_is_one_line(tmp_path, suffix):
+    path = tmp_path / f"anchor{suffix}"
+    path.write_bytes(b"not a checkpoint\n" * 4)
+    with pytest.raises(ConfigError) as err:
+        Anchor(AnchorConfig(pretrained=str(path)))
+    assert str(err.value).startswith(f"anchor.pretrained: {path}: not a readable checkpoint (")
+    assert "\n" not in str(err.value)
+
+
+def test_weights_that_cannot_be_fetched_are_one_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai': no route to host\nmore")
+
+    monkeypatch.setattr("open_clip.create_model_and_transforms", offline)
+    with pytest.raises(ConfigError) as err:
+        Anchor(AnchorConfig(model="ViT-B-32", pretrained="openai", model_config=None))
+    assert str(err.value) == (
+        "anchor.pretrained: could not fetch open_clip's 'openai' weights of ViT-B-32 (offline? a "
+        "downloaded checkpoint file works too): Failed to download weights for tag 'openai': "
+        "no route to host"
+    )
