@@ -73,7 +73,7 @@ def validate_anchor_config(cfg: AnchorConfig) -> tuple[str, str | None]:
 LOAD_ERRORS = (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
-def _open_clip_model(model_name: str, pretrained: str | None, device):
+def load_open_clip(model_name: str, pretrained: str | None, device):
     """open_clip's (model, train transform, preprocess); weights that do not load are one line
     naming ``anchor.pretrained``."""
     try:
@@ -117,7 +117,7 @@ class Anchor(nn.Module):
         self.config = cfg
         self.model_name = model_name
         self.pretrained = pretrained
-        model, _, preprocess = _open_clip_model(model_name, pretrained, device)
+        model, _, preprocess = load_open_clip(model_name, pretrained, device)
         model.requires_grad_(False)
         model.eval()
         self.model = model

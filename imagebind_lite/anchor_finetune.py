@@ -60,7 +60,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from .anchor import file_sha256, validate_anchor_config
+from .anchor import file_sha256, load_open_clip, validate_anchor_config
 from .config import AnchorConfig, ConfigError
 from .data import avmnist, scenes
 from .data import bad_input as bi
@@ -542,9 +542,7 @@ class FinetuneTask(Task):
     def build(self, accelerator: Accelerator) -> TaskParts:
         cfg, device = self.cfg, accelerator.device
         self.model_name, self.pretrained = validate_anchor_config(cfg.anchor)
-        model, _, _ = open_clip.create_model_and_transforms(
-            self.model_name, pretrained=self.pretrained
-        )
+        model, _, _ = load_open_clip(self.model_name, self.pretrained, "cpu")
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size

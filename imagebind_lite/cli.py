@@ -14,6 +14,7 @@ import torch
 from .bind import bind, combine
 from .config import BindConfig, ConfigError, load_config, resolve_config_arg, shipped_config
 from .train import train
+from .training.stopping import TrainingStopped
 
 # Kept importable from here (scripts and tests): the shipped configs live in config.py.
 __all__ = [
@@ -43,9 +44,14 @@ def one_line(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn an expected failure into one line on stderr and exit status 1, not a traceback."""
+    """Turn an expected failure into one line on stderr and exit status 1, not a traceback; a
+    run stopped by a signal (with its checkpoint saved) exits 128 + the signal's number."""
     try:
         yield
+    except TrainingStopped as stop:
+        if stop.main_process:  # one line for the run, not one per process
+            sys.stderr.write(f"{stop}\n")
+        sys.exit(128 + stop.signum)  # the shell's status for death by that signal
     except ConfigError as err:
         sys.exit(f"config error: {one_line(err)}")
     except EXPECTED_ERRORS as err:

@@ -21,11 +21,10 @@ exact fields). Anchor caches of the old anchor are refused: rebuild them (train/
 """
 
 import json
-import sys
 
 from imagebind_lite.anchor_finetune import FinetuneConfig, finetune_anchor
-from imagebind_lite.cli import OneLineArgumentParser
-from imagebind_lite.config import ConfigError, load_config
+from imagebind_lite.cli import OneLineArgumentParser, one_line_errors
+from imagebind_lite.config import load_config
 
 if __name__ == "__main__":
     parser = OneLineArgumentParser(
@@ -37,9 +36,7 @@ if __name__ == "__main__":
         "overrides", nargs="*", help="field=value, e.g. epochs=10 trainable=lora lora_rank=4"
     )
     args = parser.parse_args()
-    try:
+    with one_line_errors():
         cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
         result = finetune_anchor(cfg)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
     print(json.dumps(result, indent=2))

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..files import atomic_dir
+from .stopping import TrainingStopped, absorb_stop_signals, requested_stop, stop_signals
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -256,6 +257,7 @@ def build_loader(train_set: Dataset, s: LoopSettings, collate_fn=None) -> DataLo
         # Workers are re-forked each epoch so they see the dataset's set_epoch (per-sample
         # randomness is seeded by epoch); persistent workers would keep epoch 0 forever.
         persistent_workers=False,
+        worker_init_fn=absorb_stop_signals,
     )
 
 
@@ -266,7 +268,13 @@ def _identity(batch):
 def step_loader(train_set: Dataset, s: LoopSettings, offset: int = 0) -> DataLoader:
     """A batch-level dataset's steps from ``offset`` on, in order, one item per step."""
     steps = Subset(train_set, range(offset, len(train_set))) if offset else train_set
-    return DataLoader(steps, batch_size=None, num_workers=s.num_workers, collate_fn=_identity)
+    return DataLoader(
+        steps,
+        batch_size=None,
+        num_workers=s.num_workers,
+        collate_fn=_identity,
+        worker_init_fn=absorb_stop_signals,
+    )
 
 
 def prepare_run(task: Task, accelerator: Accelerator) -> Run:
@@ -379,10 +387,12 @@ def load_checkpoint(run: Run, folder: Path) -> None:
     run.ctx.objective.load_state(state.get("objective", {}))
 
 
-def maybe_checkpoint(s: LoopSettings, run: Run) -> None:
-    if s.run_dir is None or not s.checkpoint_every:
+def maybe_checkpoint(s: LoopSettings, run: Run, force: bool = False) -> None:
+    """Save this step's checkpoint when it is due (or ``force``: a stop signal came)."""
+    if s.run_dir is None:
         return
-    if run.step % s.checkpoint_every == 0 or run.step == run.total_steps:
+    every = s.checkpoint_every
+    if force or (every and (run.step % every == 0 or run.step == run.total_steps)):
         objective = run.ctx.objective.state()
         save_checkpoint(
             run.accelerator, s.run_dir, run.step, run.skipped, s.keep_checkpoints, objective
@@ -472,17 +482,31 @@ def train_epochs(task: Task, run: Run) -> None:
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not main or s.quiet, desc=s.desc)
     start = time.perf_counter()
     run.model.train()
-    while run.step < run.total_steps:
-        epoch, offset = divmod(run.step, run.steps_per_epoch)
-        for batch in epoch_batches(run, s, epoch, offset):
-            advance(run, s.seed, batch)
-            log_progress(s, run, bar, epoch, run.trained_samples / (time.perf_counter() - start))
-            start += maybe_evaluate(task, run)
-            maybe_checkpoint(s, run)
-            if run.step >= run.total_steps:
-                break
+    with stop_signals() as received:
+        while run.step < run.total_steps:
+            epoch, offset = divmod(run.step, run.steps_per_epoch)
+            for batch in epoch_batches(run, s, epoch, offset):
+                advance(run, s.seed, batch)
+                rate = run.trained_samples / (time.perf_counter() - start)
+                log_progress(s, run, bar, epoch, rate)
+                start += maybe_evaluate(task, run)
+                # A signal at the last step stops nothing: training is done.
+                done = run.step >= run.total_steps
+                signum = 0 if done else requested_stop(run.accelerator, received)
+                maybe_checkpoint(s, run, force=bool(signum))
+                if signum:
+                    bar.close()
+                    raise stopped(s, run, signum)
+                if done:
+                    break
     bar.close()
     run.seconds = time.perf_counter() - start
+
+
+def stopped(s: LoopSettings, run: Run, signum: int) -> TrainingStopped:
+    folder = s.run_dir / "checkpoints" / f"step_{run.step:08d}" if s.run_dir else None
+    main = run.accelerator.is_main_process
+    return TrainingStopped(signum, run.step, run.total_steps, folder, main)
 
 
 def fit(task: Task, resume_from: Path | None = None) -> dict:
@@ -496,7 +520,11 @@ def fit(task: Task, resume_from: Path | None = None) -> dict:
         accelerator.print(f"resumed {s.run_dir} from step {run.step}")
     if s.tracker:
         accelerator.init_trackers("train", config=s.hparams)
-    train_epochs(task, run)
+    try:
+        train_epochs(task, run)
+    except TrainingStopped:
+        accelerator.end_training()
+        raise
     result = task.finish(run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
