@@ -9,6 +9,7 @@ import torch
 from conftest import REPO
 from test_manifest import depth_stats, make_depth_pairs, tiny_depth_config, write_csv
 
+from imagebind_lite.data import shards
 from imagebind_lite.data.datasets import get_dataset_builder
 from imagebind_lite.data.manifest import PairSampler, RecordDataset, read_manifest
 from imagebind_lite.data.shards import ShardDataset, ShardStream, read_index, scan_tar
@@ -81,6 +82,30 @@ def test_shards_hold_the_manifest_pairs(written, tmp_path, anchor):
             a, b = from_files[i], from_shards[i]
             assert (a["id"], a["label"]) == (b["id"], b["label"])
             assert torch.equal(a["depth"], b["depth"]) and torch.equal(a["vision"], b["vision"])
+
+
+def test_random_access_reads_the_offsets_written_with_each_shard(
+    written, tmp_path, anchor, monkeypatch
+):
+    root, out, _ = written
+    sampler = sampler_for(tiny_depth_config(tmp_path, root), anchor)
+    expected = [ShardDataset(out, sampler, False)[i] for i in range(8)]
+    for name in read_index(out)["shards"]:
+        recorded = json.loads((out / f"{name}.offsets.json").read_text())
+        assert recorded["size"] == (out / name).stat().st_size
+        assert shards.read_offsets(out / name) == shards.scan_tar_keyed(out / name)
+
+    def no_scan(path):
+        raise AssertionError(f"scanned {path}")
+
+    monkeypatch.setattr(shards, "scan_tar_keyed", no_scan)
+    fresh = ShardDataset(out, sampler, False)
+    for i in range(8):
+        assert torch.equal(fresh[i]["depth"], expected[i]["depth"])
+    # A shard rewritten since (another size) is scanned again rather than misread.
+    (out / "shard-000000.tar.offsets.json").write_text(json.dumps({"size": 1, "samples": []}))
+    with pytest.raises(AssertionError, match="scanned .*shard-000000.tar"):
+        ShardDataset(out, sampler, False)[0]
 
 
 def test_resampled_streams_differ_by_rank_and_decode_the_same(
