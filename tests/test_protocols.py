@@ -332,6 +332,14 @@ def test_llvip_scores_person_and_background_crops(space, tmp_path):
     assert "63.4" in format_table(result)
 
 
+def test_a_layout_name_given_as_a_protocol_names_its_protocol():
+    assert get_protocol("SUN-D").name == "sund"
+    with pytest.raises(KeyError, match=r"'sunrgbd' \(the sunrgbd layout's protocol is 'sund'\)"):
+        get_protocol("sunrgbd")
+    with pytest.raises(KeyError, match=r"unknown protocol 'nosuch'; known: esc50, "):
+        get_protocol("nosuch")
+
+
 def test_every_protocol_has_its_published_number():
     published = {
         "esc50": 66.9,

@@ -20,8 +20,8 @@ Reading: the registered dataset ``shards`` (``data.dataset=shards``, ``data.root
 ``random`` (default)  map-style: a sample index -> (shard, position) through ``shards.json``
                       and each shard's member offsets (``SHARD.offsets.json``, written with the
                       shard; shards without one are scanned, once per worker), then one seek
-                      and read per file. Works with the training loop's shuffling sampler, gives exact
-                      resumption, and suits local disks and parallel file systems.
+                      and read per file. Works with the training loop's shuffling sampler,
+                      gives exact resumption, and suits local disks and parallel file systems.
 ``stream``            webdataset's ``ResampledShards``: every rank and DataLoader worker draws
                       shards independently, with replacement, from a seed made of
                       (rank, worker, epoch, ``seed``), and streams their samples sequentially,

@@ -309,7 +309,9 @@ def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name.lower().replace("-", "")]
     except KeyError:
-        raise KeyError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
+        on_layout = [p.name for p in PROTOCOLS.values() if p.layout == name.lower()]
+        hint = f" (the {name} layout's protocol is {on_layout[0]!r})" if on_layout else ""
+        raise KeyError(f"unknown protocol {name!r}{hint}; known: {', '.join(PROTOCOLS)}") from None
 
 
 def list_protocols() -> list[str]:
