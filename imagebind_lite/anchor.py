@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .config import AnchorConfig, ConfigError
+from .files import load_error_line
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PACKAGE_PREFIX = "imagebind_lite:"
@@ -87,17 +88,15 @@ def load_open_clip(model_name: str, pretrained: str | None, device):
 
 
 def _not_loaded(model_name: str, pretrained: str, err: Exception) -> str:
-    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()] or [""]
-    first = lines[0] if len(lines[0]) <= 240 else lines[0][:240] + "..."
+    detail = load_error_line(err)
     if not _looks_like_path(pretrained):
         return (
             f"could not fetch open_clip's {pretrained!r} weights of {model_name} (offline? a "
-            f"downloaded checkpoint file works too): {first}"
+            f"downloaded checkpoint file works too): {detail}"
         )
-    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
-        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        return f"{pretrained} does not fit open_clip's {model_name}: {lines[1][:300]}{more}"
-    return f"{pretrained}: not a readable checkpoint ({type(err).__name__}: {first})"
+    if str(err).startswith("Error(s) in loading state_dict"):
+        return f"{pretrained} does not fit open_clip's {model_name}: {detail}"
+    return f"{pretrained}: not a readable checkpoint ({type(err).__name__}: {detail})"
 
 
 def file_sha256(path: str | Path, limit: int | None = None) -> str:

@@ -37,6 +37,7 @@ from .config import (
     BindConfig,
     ConfigError,
     TrainConfig,
+    check_resumed_config,
     config_to_dict,
     load_config,
     resolve_config_arg,
@@ -311,9 +312,12 @@ class BindTask(Task):
         sets = {m: b.train for m, b in self.bundles.items()}
         step_set = StepBatches(sets, sizes, order, bind.seed, accelerator.process_index, world)
         self.settings.warmup_epochs = (bind.warmup_steps or warmup) / steps
+        saved = self.run_dir / "config.yaml"
+        if saved.is_file():  # resumed: a new run never reuses a folder
+            check_resumed_config(bind, saved)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(bind, self.run_dir / "config.yaml")
+            save_config(bind, saved)
         return self._parts(step_set, {m: s * world for m, s in sizes.items()})
 
     def _natural_steps(self, sizes: dict, world: int) -> tuple[dict, float]:

@@ -12,10 +12,13 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import atomic_write_text
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -300,7 +303,62 @@ def config_to_dict(config) -> dict:
 
 
 def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# What a resumed run may set anew: how far it goes, how it is fed and split over processes (the
+# loop checks that the global batch stays), where its files are, how it logs and evaluates.
+# Any other field (the model, the data, the loss, the optimizer) must stay the run's.
+RESUMABLE = (
+    "optim.max_steps",
+    "max_steps",
+    "data.batch_size",
+    "optim.grad_accum",
+    "data.num_workers",
+    "num_workers",
+    "data.root",
+    "anchor.cache",
+    "output_dir",
+    "run_name",
+    "tracker",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "encoder.compile",
+    "encoder.grad_checkpointing",
+    "eval.*",
+    "modalities.*.data.num_workers",
+    "modalities.*.data.root",
+    "modalities.*.eval.*",
+)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """A nested config as ``{dotted.field: value}`` (an empty mapping adds nothing)."""
+    if not isinstance(value, dict):
+        return {prefix[:-1]: value}
+    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+
+
+def check_resumed_config(config, saved_path: str | Path) -> None:
+    """Refuse, in one line, a resumed run whose config changes a field outside ``RESUMABLE``
+    from the one saved in its folder (``saved_path``, ``config.yaml``)."""
+    saved = _flat(yaml.safe_load(Path(saved_path).read_text()) or {})
+    now = _flat(config_to_dict(config))
+    changed = [
+        f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        for key in sorted(saved.keys() | now.keys(), key=str)
+        if saved.get(key) != now.get(key) and not any(fnmatch(key, p) for p in RESUMABLE)
+    ]
+    if changed:
+        shown = "; ".join(changed[:3]) + (
+            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        raise ConfigError(
+            f"--resume: this config changes what the run was trained with ({shown}); resume "
+            f"with --config {saved_path} (a resumed run may change only how far it goes, its "
+            "batch split, workers, paths, logging and evaluation), or start a new run"
+        )
 
 
 def shipped_config(name: str) -> Path:

@@ -107,3 +107,13 @@ def parse_key_values(items: Sequence[str], what: str = "option") -> dict:
                 f"{what} {key.strip()}: cannot parse value {value!r} ({err})"
             ) from None
     return out
+
+
+def load_error_line(err: BaseException, limit: int = 300) -> str:
+    """One line from an error loading weights: torch's ``Error(s) in loading state_dict`` gives
+    its first mismatch (and how many more), anything else its first line."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()] or [""]
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return lines[1][:limit] + more
+    return lines[0] if len(lines[0]) <= limit else lines[0][:limit] + "..."

@@ -25,7 +25,13 @@ from accelerate import Accelerator
 from .anchor import Anchor, validate_anchor_config
 from .cache import attach_anchor_cache, cached_class_text_embeddings
 from .checkpoint import save_model
-from .config import ConfigError, TrainConfig, config_to_dict, save_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_resumed_config,
+    config_to_dict,
+    save_config,
+)
 from .data.datasets import DatasetBundle, collate, get_dataset_builder
 from .evaluation import prompts
 from .evaluation.zero_shot import embed_dataset, retrieval_metrics, zero_shot_classification
@@ -384,9 +390,12 @@ class AlignmentTask(Task):
                 self.batch_too_large(accelerator.num_processes, len(self.bundle.train))
             )
         # Only now, with the data open and a step's batch in it, does the run folder appear.
+        saved = self.run_dir / "config.yaml"
+        if saved.is_file():  # resumed: a new run never reuses a folder
+            check_resumed_config(cfg, saved)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, saved)
         self.temperature = cfg.encoder.temperature or spec.temperature
         encoder = build_encoder(
             cfg.modality,

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..files import atomic_dir
+from ..files import atomic_dir, load_error_line
 from .stopping import TrainingStopped, absorb_stop_signals, requested_stop, stop_signals
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
@@ -357,7 +357,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator, run_dir: Path, step: int, skipped: Counter, keep: int, objective: dict = None
+    accelerator,
+    run_dir: Path,
+    step: int,
+    skipped: Counter,
+    keep: int,
+    objective: dict = None,
+    global_batch: int | None = None,
 ) -> None:
     folder = run_dir / "checkpoints" / f"step_{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
@@ -369,6 +375,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "skipped": dict(skipped), "objective": objective or {}}
+        if global_batch is not None:
+            state["global_batch"] = global_batch
         (tmp / "state.json").write_text(json.dumps(state))
         with atomic_dir(folder) as final_tmp:
             final_tmp.rmdir()
@@ -380,9 +388,23 @@ def save_checkpoint(
 
 
 def load_checkpoint(run: Run, folder: Path) -> None:
-    """Model, optimizer, scheduler and RNG state, then the step and skip counters."""
-    run.accelerator.load_state(str(folder))
+    """Model, optimizer, scheduler and RNG state, then the step and skip counters. A checkpoint
+    of another global batch, or one whose tensors do not fit the model, is refused in one line."""
     state = json.loads((Path(folder) / "state.json").read_text())
+    trained = state.get("global_batch", run.global_batch)
+    if trained != run.global_batch:
+        processes = run.accelerator.num_processes
+        raise ConfigError(
+            f"--resume: {folder} was trained at a global batch of {trained}; this run's is "
+            f"{run.global_batch} ({run.global_batch // processes} per process x {processes}): "
+            "keep data.batch_size x optim.grad_accum x processes as it was"
+        )
+    try:
+        run.accelerator.load_state(str(folder))
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"--resume: {folder} does not fit this run: {load_error_line(err)}"
+        ) from err
     run.step, run.skipped = state["step"], Counter(state.get("skipped", {}))
     run.ctx.objective.load_state(state.get("objective", {}))
 
@@ -395,7 +417,13 @@ def maybe_checkpoint(s: LoopSettings, run: Run, force: bool = False) -> None:
     if force or (every and (run.step % every == 0 or run.step == run.total_steps)):
         objective = run.ctx.objective.state()
         save_checkpoint(
-            run.accelerator, s.run_dir, run.step, run.skipped, s.keep_checkpoints, objective
+            run.accelerator,
+            s.run_dir,
+            run.step,
+            run.skipped,
+            s.keep_checkpoints,
+            objective,
+            run.global_batch,
         )
 
 
