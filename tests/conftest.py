@@ -1,5 +1,7 @@
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,23 @@ FSDD = REPO / "imagebind_lite" / "assets" / "avmnist" / "audio"
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 SLOW = bool(os.environ.get("IMAGEBIND_LITE_SLOW_TESTS"))
+
+# A script run by a test: one thread, output unbuffered (a killed run still shows what it did).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_python(args, timeout=600, new_session=False, **env) -> subprocess.CompletedProcess:
+    """``python ARGS`` from the repository root with ``ENV`` (plus ``env``), output captured;
+    ``new_session``: in a process group of its own, for a signal sent to the group."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=new_session,
+    )
 
 
 def free_port() -> int:

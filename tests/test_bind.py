@@ -4,16 +4,13 @@ then --resume, and the bad inputs refused in one line before training."""
 
 import importlib.util
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FSDD, REPO, free_port, killed_after_checkpoint
+from conftest import FSDD, REPO, free_port, killed_after_checkpoint, run_python
 from PIL import Image
 from safetensors.torch import load_file
 from test_pen import TES, raw_lines
@@ -26,7 +23,6 @@ from imagebind_lite.evaluation.zero_shot import class_text_embeddings
 from imagebind_lite.modalities.pen import load as load_pen
 from imagebind_lite.train import latest_checkpoint, train
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMALL = "{depth: 1, width: 48, heads: 2, drop_path: 0.0}"
 KEYS = [
     "zero_shot_top1.audio",
@@ -64,15 +60,7 @@ def tiny(out, *extra, steps=40, batch=64):
     ]
 
 
-def run(args, timeout=600, **env):
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env={**ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+run = run_python
 
 
 def launch(*args, processes=1):

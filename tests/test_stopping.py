@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, free_port, tiny_overrides
+from conftest import REPO, free_port, run_python, tiny_overrides
 from safetensors.torch import load_file
 
 from imagebind_lite.train import latest_checkpoint
 from imagebind_lite.training.stopping import stop_signals
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 RUN = "depth-synthetic_scenes"
 STEPS = 2 * 256 // 16  # two epochs of 256 scenes at batch 16
 
@@ -52,15 +51,7 @@ def overrides(out):
 
 
 def run(args, **env):
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env={**ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        start_new_session=True,  # a process group of its own, for the group's signal
-    )
+    return run_python(args, timeout=300, new_session=True, **env)
 
 
 def test_sigterm_to_the_group_saves_the_step_and_resume_matches_an_unstopped_run(tmp_path):

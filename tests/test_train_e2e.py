@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import FSDD, REPO, free_port, killed_after_checkpoint, tiny_overrides
+from conftest import (
+    ENV,
+    FSDD,
+    REPO,
+    free_port,
+    killed_after_checkpoint,
+    run_python,
+    tiny_overrides,
+)
 from safetensors.torch import load_file
 
 from imagebind_lite import BoundModel
@@ -32,8 +40,6 @@ from imagebind_lite.train import (
     train,
     train_step,
 )
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 KILLED_AFTER_CHECKPOINT = killed_after_checkpoint('train_main("audio.yaml", sys.argv[1:])')
 
@@ -277,15 +283,7 @@ def test_default_audio_run_with_drop_path_resumes_bit_for_bit(tmp_path):
             "encoder.overrides={depth: 2}",  # drop path rises 0 -> 0.1: the second block drops
         ]
 
-    def run(args, **env):
-        return subprocess.run(
-            [sys.executable, *args],
-            cwd=REPO,
-            env={**ENV, **env},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+    run = run_python
 
     reference = run(["train/align_audio.py", *overrides(tmp_path / "a")])
     assert reference.returncode == 0, reference.stderr[-2000:]
