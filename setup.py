@@ -27,6 +27,7 @@ setup(
         "soundfile",
         "open_clip_torch>=3.0",  # the version tested here is 3.3
         "safetensors",
+        "huggingface_hub>=0.25",  # bound models by hf-hub: name (open_clip needs it anyway)
         "pyyaml",
         "tqdm",
         "tensorboard",

@@ -19,7 +19,7 @@ match and mAP (relevant = same class), both directions.
 from pathlib import Path
 
 from imagebind_lite.bind import format_emergent, pair_retrieval
-from imagebind_lite.bound import BoundModel
+from imagebind_lite.bound import HUB_PREFIX, BoundModel
 from imagebind_lite.cli import TRUST_CODE_HELP, OneLineArgumentParser, device_arg, one_line_errors
 from imagebind_lite.data.adapters import read_layout
 from imagebind_lite.evaluation.protocols import (
@@ -152,10 +152,14 @@ def dataset_collections(space, args, progress: bool) -> tuple[dict, str]:
 def bound_pair(args) -> dict:
     a, b = args.pair
     with one_line_errors():
-        bound = BoundModel.from_pretrained(args.bound, args.device, trust_code=args.trust_code)
+        bound = BoundModel.from_pretrained(
+            args.bound, args.device, trust_code=args.trust_code, modalities=[a, b]
+        )
         results = pair_retrieval(bound, a, b, args.batch_size)
     print(format_emergent(a, b, results))
-    out = Path(args.out or Path(args.bound) / "eval" / f"retrieval_{a}_{b}.json")
+    # A model from the Hub (hf-hub:ORG/NAME) has no folder of ours: its results go to ./eval/.
+    home = Path(".") if args.bound.startswith(HUB_PREFIX) else Path(args.bound)
+    out = Path(args.out or home / "eval" / f"retrieval_{a}_{b}.json")
     write_json(out, {"bound": args.bound, "pair": [a, b], "retrieval": results})
     print(f"wrote {out}")
     return results

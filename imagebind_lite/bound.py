@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from PIL import Image
 
 from .anchor import Anchor
@@ -41,6 +43,7 @@ from .registry import (
 )
 
 BOUND_FORMAT = "imagebind_lite.bound/1"
+HUB_PREFIX = "hf-hub:"  # as open_clip names models on the Hugging Face Hub
 # ImageBind's own anchor: OpenCLIP ViT-H-14 trained on LAION-2B.
 IMAGEBIND_ANCHOR = {"model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "model_config": None}
 
@@ -52,21 +55,28 @@ class BoundModel(Space):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: str | torch.device = "cpu", trust_code: bool = False
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        trust_code: bool = False,
+        modalities: Sequence[str] | None = None,
     ) -> BoundModel:
+        """A bound folder (or a run or model folder), or ``hf-hub:ORG/NAME[@REVISION]``: one on
+        the Hugging Face Hub, of which only ``bound.json`` and the encoders asked for are
+        downloaded. ``modalities``: load only these encoders (default: all)."""
+        if str(folder).startswith(HUB_PREFIX):
+            folder = _from_hub(str(folder), modalities)
         folder = Path(folder)
         index = folder / "bound.json"
         if not index.is_file():
             if (folder / "config.json").is_file() or (folder / "model" / "config.json").is_file():
                 return cls.from_runs([folder], device, trust_code=trust_code)
             raise FileNotFoundError(f"not a bound model: {index} is missing")
-        meta = json.loads(index.read_text())
-        if meta.get("format") != BOUND_FORMAT:
-            raise ValueError(f"{index}: unknown bound-model format {meta.get('format')!r}")
+        meta = _read_index(index)
         anchor = Anchor(AnchorConfig(**meta["anchor"]["config"]), device=device)
         _check_identity(anchor, meta["anchor"].get("sha256"), index)
         encoders, configs = {}, {}
-        for modality, sub in meta["encoders"].items():
+        for modality, sub in _chosen(meta["encoders"], modalities, index).items():
             encoders[modality], configs[modality] = load_model(folder / sub, device, trust_code)
             _check_identity(anchor, configs[modality]["anchor"].get("sha256"), folder / sub)
         return cls(anchor, encoders, configs, device)
@@ -163,6 +173,48 @@ class BoundModel(Space):
 
 def _image_modality() -> str:
     return next(m for m in list_modalities() if anchor_tower_of(m) == IMAGE_TOWER)
+
+
+def _read_index(index: Path) -> dict:
+    meta = json.loads(index.read_text())
+    if meta.get("format") != BOUND_FORMAT:
+        raise ValueError(f"{index}: unknown bound-model format {meta.get('format')!r}")
+    return meta
+
+
+def _chosen(encoders: dict, modalities: Sequence[str] | None, index: Path) -> dict:
+    """The ``{modality: subfolder}`` entries of ``bound.json`` that were asked for (the anchor's
+    own modalities, text and vision, are always there)."""
+    if modalities is None:
+        return encoders
+    wanted = [resolve_alias(m) for m in modalities if anchor_tower_of(resolve_alias(m)) is None]
+    missing = [m for m in wanted if m not in encoders]
+    if missing:
+        have = ", ".join(encoders) or "none"
+        raise ValueError(f"{index}: no {missing[0]!r} encoder (it has: {have})")
+    return {m: encoders[m] for m in wanted}
+
+
+def _from_hub(name: str, modalities: Sequence[str] | None) -> Path:
+    """``hf-hub:ORG/NAME[@REVISION]`` -> its copy in the Hub's local cache: ``bound.json``
+    first, then only the folders of the encoders asked for (no ``bound.json``: all of it)."""
+    repo, _, revision = name[len(HUB_PREFIX) :].partition("@")
+    revision = revision or None
+    try:
+        try:
+            index = Path(hf_hub_download(repo, "bound.json", revision=revision))
+        except EntryNotFoundError as err:
+            if isinstance(err, LocalEntryNotFoundError):  # offline, and not in the cache
+                raise
+            return Path(snapshot_download(repo, revision=revision))  # a run or model folder
+        subs = _chosen(_read_index(index)["encoders"], modalities, index).values()
+        patterns = ["bound.json", *(f"{sub}/*" for sub in subs)]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except OSError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise FileNotFoundError(
+            f"{name}: not downloaded from the Hugging Face Hub: {detail}"
+        ) from None
 
 
 def _check_identity(anchor: Anchor, recorded: str | None, where: Path) -> None:

@@ -2,6 +2,8 @@
 video through the image tower; ImageBind's checkpoint layout as a bound model."""
 
 import json
+import shutil
+from fnmatch import fnmatch
 
 import av
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FSDD, REPO
+from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 
-from imagebind_lite import BoundModel
+from imagebind_lite import BoundModel, bound
 from imagebind_lite.anchor import Anchor
 from imagebind_lite.config import AnchorConfig, load_config
 from imagebind_lite.data.avmnist import load_digit_images
@@ -77,6 +80,61 @@ def test_combined_runs_embed_every_modality_in_one_space(runs, tmp_path):
         model.embed_audio([tmp_path / "absent.flac"])
     with pytest.raises(SpaceError, match="no thermal encoder"):
         model.embed_thermal(images)
+
+
+def test_one_encoder_of_a_bound_folder_loads_alone(runs, tmp_path):
+    folder = BoundModel.from_runs([runs["audio"], runs["depth"]]).save_pretrained(tmp_path / "b")
+    audio = BoundModel.from_pretrained(folder, modalities=["audio"])
+    assert audio.modalities == ["text", "vision", "audio"]
+    with pytest.raises(
+        ValueError, match=r"bound.json: no 'thermal' encoder \(it has: audio, depth"
+    ):
+        BoundModel.from_pretrained(folder, modalities=["thermal"])
+
+
+def test_a_bound_model_on_the_hub_downloads_only_the_encoders_asked_for(
+    runs, tmp_path, monkeypatch
+):
+    remote = BoundModel.from_runs([runs["audio"], runs["depth"]]).save_pretrained(tmp_path / "r")
+    cache = tmp_path / "hub-cache"
+    asked = []
+
+    def hf_hub_download(repo, filename, revision=None):
+        asked.append((repo, revision, filename))
+        (cache / filename).parent.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copyfile(remote / filename, cache / filename))
+
+    def snapshot_download(repo, revision=None, allow_patterns=None):
+        asked.append((repo, revision, tuple(allow_patterns)))
+        for path in remote.rglob("*"):
+            name = str(path.relative_to(remote))
+            if path.is_file() and any(fnmatch(name, p) for p in allow_patterns):
+                (cache / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, cache / name)
+        return str(cache)
+
+    monkeypatch.setattr(bound, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(bound, "snapshot_download", snapshot_download)
+    model = BoundModel.from_pretrained("hf-hub:org/digits@v1", modalities=["audio"])
+    assert asked == [
+        ("org/digits", "v1", "bound.json"),
+        ("org/digits", "v1", ("bound.json", "audio/*")),
+    ]
+    assert model.modalities == ["text", "vision", "audio"] and not (cache / "depth").exists()
+    clips = sorted(FSDD.glob("3_theo_*.flac"))[:2]
+    local = BoundModel.from_pretrained(remote)
+    torch.testing.assert_close(model.embed_audio(clips), local.embed_audio(clips))
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach huggingface.co and not in the cache")
+
+    monkeypatch.setattr(bound, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError) as err:
+        BoundModel.from_pretrained("hf-hub:org/digits")
+    assert str(err.value) == (
+        "hf-hub:org/digits: not downloaded from the Hugging Face Hub: cannot reach "
+        "huggingface.co and not in the cache"
+    )
 
 
 def test_runs_with_different_anchors_are_refused(runs, tmp_path):
