@@ -36,7 +36,8 @@ def resolve_asset(value: str | None, suffixes: tuple[str, ...]) -> str | None:
     raise ConfigError(f"no anchor asset {name!r} shipped in {ASSETS / 'anchors'}")
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """Whether ``anchor.pretrained`` names a file (else an open_clip tag)."""
     return (
         "/" in value
         or "\\" in value
@@ -58,7 +59,7 @@ def validate_anchor_config(cfg: AnchorConfig) -> tuple[str, str | None]:
         )
     pretrained = resolve_asset(cfg.pretrained, (".safetensors", ".pt"))
     if pretrained is not None:
-        if _looks_like_path(pretrained):
+        if looks_like_path(pretrained):
             if not Path(pretrained).is_file():
                 raise ConfigError(f"anchor.pretrained: checkpoint file not found: {pretrained}")
         elif pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
@@ -89,7 +90,7 @@ def load_open_clip(model_name: str, pretrained: str | None, device):
 
 def _not_loaded(model_name: str, pretrained: str, err: Exception) -> str:
     detail = load_error_line(err)
-    if not _looks_like_path(pretrained):
+    if not looks_like_path(pretrained):
         return (
             f"could not fetch open_clip's {pretrained!r} weights of {model_name} (offline? a "
             f"downloaded checkpoint file works too): {detail}"

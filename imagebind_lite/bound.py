@@ -18,16 +18,17 @@ anchor.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from PIL import Image
 
-from .anchor import Anchor
+from .anchor import Anchor, looks_like_path
 from .checkpoint import load_model, save_model
 from .config import AnchorConfig, config_to_dict
 from .evaluation.space import Space, SpaceError
@@ -116,6 +117,23 @@ class BoundModel(Space):
                 save_model(encoder, config, tmp / modality)
             (tmp / "bound.json").write_text(json.dumps(meta, indent=2))
         return Path(folder)
+
+    def push_to_hub(self, repo: str, private: bool | None = None, token: str | None = None) -> str:
+        """Upload the bound folder to the Hugging Face Hub repo ``repo`` (created if need be);
+        returns the name that loads it, ``hf-hub:REPO``. Refused when the anchor is a local
+        file, which nobody downloading the model could rebuild."""
+        pretrained = self.anchor.config.pretrained  # as bound.json names it
+        if pretrained and looks_like_path(pretrained):
+            raise ValueError(
+                f"push_to_hub: the anchor is the local file {pretrained}, which others cannot "
+                "rebuild; use an open_clip tag or a shipped imagebind_lite: anchor"
+            )
+        api = HfApi(token=token)
+        api.create_repo(repo, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "bound")
+            api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Bound model")
+        return f"{HUB_PREFIX}{repo}"
 
     # ---------------------------------------------------------------------------- embedding
 

@@ -137,6 +137,37 @@ def test_a_bound_model_on_the_hub_downloads_only_the_encoders_asked_for(
     )
 
 
+def test_push_to_hub_uploads_the_bound_folder_and_refuses_a_local_anchor(
+    runs, tmp_path, monkeypatch
+):
+    calls = []
+
+    class Api:  # the two HfApi calls push_to_hub makes, writing to a folder instead of the Hub
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo, private=None, exist_ok=False):
+            calls.append(("create", repo, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload", repo_id))
+            shutil.copytree(folder_path, tmp_path / "hub")
+
+    monkeypatch.setattr(bound, "HfApi", Api)
+    model = BoundModel.from_runs([runs["audio"], runs["depth"]])
+    assert model.push_to_hub("org/digits", private=True) == "hf-hub:org/digits"
+    assert calls == [
+        ("token", None),
+        ("create", "org/digits", True, True),
+        ("upload", "org/digits"),
+    ]
+    uploaded = BoundModel.from_pretrained(tmp_path / "hub")
+    assert uploaded.modalities == model.modalities
+    model.anchor.config.pretrained = str(tmp_path / "anchor.safetensors")
+    with pytest.raises(ValueError, match="the anchor is the local file .*anchor.safetensors"):
+        model.push_to_hub("org/digits")
+
+
 def test_runs_with_different_anchors_are_refused(runs, tmp_path):
     other = tmp_path / "other"
     cfg = load_config(
