@@ -1,7 +1,12 @@
 """Scripts given bad input print one short line naming the problem, exit non-zero, and leave no
 run folder or half-written output behind."""
 
+import ast
+import contextlib
+import io
+import os
 import re
+import runpy
 import subprocess
 import sys
 
@@ -18,6 +23,25 @@ def invoke(tmp_path, script, *args):
         text=True,
         timeout=300,
     )
+
+
+def invoke_in_process(folder, script, *args) -> tuple[int, str]:
+    """(exit status, stderr) of ``python SCRIPT ARGS`` run in this process from ``folder``:
+    the script's own ``__main__`` (runpy), without paying a new interpreter's imports; an
+    exception other than SystemExit (a traceback, in a real run) fails the test."""
+    err, cwd, argv, path = io.StringIO(), os.getcwd(), sys.argv, list(sys.path)
+    sys.argv = [str(REPO / script), *args]
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        os.chdir(cwd)
+        sys.argv, sys.path[:] = argv, path
+    code = exit_info.value.code
+    if isinstance(code, str):  # sys.exit("message"): the interpreter prints it, status 1
+        return 1, err.getvalue() + code + "\n"
+    return code or 0, err.getvalue()
 
 
 @pytest.fixture
@@ -98,10 +122,10 @@ CASES = [
 )
 def test_bad_invocation_prints_one_line_and_writes_nothing(inputs, script, args, message):
     before = sorted(p.relative_to(inputs) for p in inputs.rglob("*"))
-    proc = invoke(inputs, script, *args)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    status, stderr = invoke_in_process(inputs, script, *args)
+    lines = stderr.strip().splitlines()
+    assert status != 0
+    assert len(lines) == 1, stderr[-3000:]
     assert message in lines[0] and lines[0].startswith(("error: ", "config error: "))
     assert sorted(p.relative_to(inputs) for p in inputs.rglob("*")) == before  # nothing written
 
@@ -133,10 +157,40 @@ MISSING_GPU, MISSING_GPU_SAYS = (
     if not torch.cuda.is_available()
     else ("cuda:99", f"this machine has {torch.cuda.device_count()} cuda device(s)")
 )
-DEVICE_SCRIPTS = ["linear_probe", "probes", "report", "retrieval", "space", "zero_shot"]
+SCRIPTS = sorted(
+    str(p.relative_to(REPO)) for d in ("train", "eval") for p in (REPO / d).glob("*.py")
+)
 
 
-@pytest.mark.parametrize("script", DEVICE_SCRIPTS)
+def calls(script: str) -> list[ast.Call]:
+    return [n for n in ast.walk(ast.parse((REPO / script).read_text())) if isinstance(n, ast.Call)]
+
+
+def called(call: ast.Call) -> str:
+    return getattr(call.func, "attr", None) or getattr(call.func, "id", "")
+
+
+def test_every_script_parses_with_the_one_line_parser_and_checks_its_device():
+    """What the two subprocess tests below show for a few scripts, read from every script's
+    source: its parser is OneLineArgumentParser (directly, or through train_main/bind_main;
+    plain ones only as add_help=False parents), and any --device goes through device_arg."""
+    devices = 0
+    for script in SCRIPTS:
+        found = calls(script)
+        names = {called(c) for c in found}
+        assert names & {"OneLineArgumentParser", "train_main", "bind_main"}, script
+        for call in found:
+            if called(call) == "ArgumentParser":
+                assert any(k.arg == "add_help" for k in call.keywords), script
+            options = [a.value for a in call.args if isinstance(a, ast.Constant)]
+            if called(call) == "add_argument" and "--device" in options:
+                kinds = [k.value for k in call.keywords if k.arg == "type"]
+                assert [getattr(k, "id", None) for k in kinds] == ["device_arg"], script
+                devices += 1
+    assert devices >= 6
+
+
+@pytest.mark.parametrize("script", ["zero_shot", "space"])
 def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(tmp_path, script):
     proc = invoke(tmp_path, f"eval/{script}.py", "--checkpoint", "RUN", "--device", MISSING_GPU)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
@@ -162,12 +216,10 @@ def test_device_arg_passes_what_this_machine_has_and_names_what_it_lacks():
         available_device("mps")
 
 
-SCRIPTS = sorted(
-    str(p.relative_to(REPO)) for d in ("train", "eval") for p in (REPO / d).glob("*.py")
+# One of each way a script builds its parser: its own, train_main's, bind_main's, subcommands.
+@pytest.mark.parametrize(
+    "script", ["train/write_shards.py", "train/align_audio.py", "train/bind.py", "eval/space.py"]
 )
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_wrong_flag_is_one_usage_line(tmp_path, script):
     proc = invoke(tmp_path, script, "--no-such-flag")
     name = script.rpartition("/")[2]
