@@ -18,7 +18,9 @@ with its own batch) sets ``TaskParts.step_batches``: its training set is then ba
 Read top to bottom: build (one Accelerator construction, AdamW over the task's param groups,
 linear warm-up then cosine, a DataLoader whose batch is one optimizer step on one process), the
 step (``train_step``: the objective's backward, grad clip, AdamW), checkpoint/resume (Accelerate
-state plus ``state.json``, renamed into place when complete), then the epochs and ``fit``.
+state plus ``state.json``, renamed into place when complete), then the epochs and ``fit``. A
+SIGTERM or Ctrl-C ends the epochs after the step in progress, with that step's checkpoint
+(``training/stopping.py``).
 
 Randomness. A resumed run reproduces the uninterrupted one bit for bit: torch's global RNG is
 reseeded from (seed, epoch) before each epoch's DataLoader iterator is created (its base seed,
