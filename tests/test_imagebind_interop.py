@@ -336,3 +336,13 @@ def test_per_modality_options_must_be_keyed_by_modality(checkpoint):
         load_imagebind_encoders(checkpoint, ["audio"], num_heads=4, preprocess={"num_mel_bins": 64})
     with pytest.raises(ValueError, match="keyed by modality"):
         load_imagebind_encoders(checkpoint, ["depth"], num_heads={"detph": 3})
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, suffix):
+    path = tmp_path / f"imagebind_huge{suffix}"
+    path.write_bytes(b"not a checkpoint\n" * 8)
+    with pytest.raises(ImageBindCheckpointError) as err:
+        load_imagebind_encoders(path, modalities=("audio",))
+    assert str(err.value).startswith(f"{path}: not a readable checkpoint (")
+    assert "\n" not in str(err.value)

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..models.build import resolve_size
@@ -178,21 +179,35 @@ def load_imagebind_state_dict(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ImageBind checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        wanted = tuple(p for m in (modalities or ()) for p in _prefixes(m))
-        with safe_open(path, framework="pt", device="cpu") as f:
-            names = f.keys()  # a safe_open handle is not iterable itself
-            return {k: f.get_tensor(k) for k in names if modalities is None or k.startswith(wanted)}
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Legacy (pre-zip) torch.save files cannot be memory-mapped.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            return _safetensors_branches(path, modalities)
+        state = _torch_load(path)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ImageBindCheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {detail})"
+        ) from err
     if not isinstance(state, Mapping):
         raise ImageBindCheckpointError(
             f"{path} holds a {type(state).__name__}, not a flat state dict of tensors"
         )
     return dict(state)
+
+
+def _safetensors_branches(path: str, modalities: Iterable[str] | None) -> dict:
+    wanted = tuple(p for m in (modalities or ()) for p in _prefixes(m))
+    with safe_open(path, framework="pt", device="cpu") as f:
+        names = f.keys()  # a safe_open handle is not iterable itself
+        return {k: f.get_tensor(k) for k in names if modalities is None or k.startswith(wanted)}
+
+
+def _torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # Legacy (pre-zip) torch.save files cannot be memory-mapped.
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _branch_keys(state_dict: Mapping[str, Any], modality: str) -> list[str]:
