@@ -345,17 +345,21 @@ def check_resumed_config(config, saved_path: str | Path) -> None:
     from the one saved in its folder (``saved_path``, ``config.yaml``)."""
     saved = _flat(yaml.safe_load(Path(saved_path).read_text()) or {})
     now = _flat(config_to_dict(config))
+
+    def shown(flat: dict, key: str) -> str:
+        return repr(flat[key]) if key in flat else "(unset)"
+
     changed = [
-        f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        f"{key}: {shown(saved, key)} -> {shown(now, key)}"
         for key in sorted(saved.keys() | now.keys(), key=str)
         if saved.get(key) != now.get(key) and not any(fnmatch(key, p) for p in RESUMABLE)
     ]
     if changed:
-        shown = "; ".join(changed[:3]) + (
+        listed = "; ".join(changed[:3]) + (
             f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         )
         raise ConfigError(
-            f"--resume: this config changes what the run was trained with ({shown}); resume "
+            f"--resume: this config changes what the run was trained with ({listed}); resume "
             f"with --config {saved_path} (a resumed run may change only how far it goes, its "
             "batch split, workers, paths, logging and evaluation), or start a new run"
         )
