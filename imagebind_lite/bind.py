@@ -505,7 +505,7 @@ def bind(bind_cfg: BindConfig, resume: str | bool | None = None, quiet: bool = F
     cfgs = validate_bind(bind_cfg)
     base = Path(bind_cfg.output_dir) / (bind_cfg.run_name or "-".join(["bind", *cfgs]))
     run_dir, resume_from = resolve_run_folder(base, resume)
-    if resume and resume_from is None:
+    if resume and resume_from is None and run_dir.exists():
         print(f"no complete checkpoint in {run_dir}; starting it from step 0")
     return fit(BindTask(bind_cfg, cfgs, run_dir, quiet), resume_from)
 

@@ -147,7 +147,7 @@ def train_main(default_config: str | None, argv: list[str] | None = None) -> dic
         default=None,
         metavar="RUN_DIR",
         help="continue the latest run of this config (or RUN_DIR / a checkpoint folder) "
-        "from its last checkpoint",
+        "from its last checkpoint; auto: the latest run if there is one, else a new run",
     )
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
@@ -179,7 +179,8 @@ def bind_main(argv: list[str] | None = None) -> dict | None:
         const=True,
         default=None,
         metavar="RUN_DIR",
-        help="continue the latest bind run (or RUN_DIR / a checkpoint) from its last checkpoint",
+        help="continue the latest bind run (or RUN_DIR / a checkpoint) from its last "
+        "checkpoint; auto: the latest run if there is one, else a new run",
     )
     parser.add_argument("--from", dest="runs", nargs="+", metavar="RUN", help="runs to combine")
     parser.add_argument("--out", help="the bound folder that --from writes")

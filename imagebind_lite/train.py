@@ -164,8 +164,15 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | bool | None) -> tuple[Path, 
     return resolve_run_folder(base, resume)
 
 
+RESUME_AUTO = "auto"  # --resume auto: the latest run if there is one, else a new run
+
+
 def resolve_run_folder(base: Path, resume: str | bool | None) -> tuple[Path, Path | None]:
-    """``base`` (or ``base-N`` when taken) for a new run; the run and its checkpoint to resume."""
+    """``base`` (or ``base-N`` when taken) for a new run; the run and its checkpoint to resume.
+    ``resume="auto"`` resumes the latest run of ``base`` if there is one and starts a new run
+    if not: one command for a job that a scheduler may requeue."""
+    if resume == RESUME_AUTO and not Path(RESUME_AUTO).exists():
+        resume = True if _latest_run(base) is not None else None
     if resume:
         run_dir = Path(resume) if isinstance(resume, str) else _latest_run(base)
         if run_dir is None or not run_dir.is_dir():
@@ -487,7 +494,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, quiet: bool = Fals
     """Align ``cfg.modality``; returns the metrics (also in RUN/metrics.json) with ``run_dir``."""
     validate_config(cfg)
     run_dir, resume_from = resolve_run_dir(cfg, resume)
-    if resume and resume_from is None:
+    if resume and resume_from is None and run_dir.exists():
         print(f"no complete checkpoint in {run_dir}; starting it from step 0")
     return fit(AlignmentTask(cfg, run_dir, quiet), resume_from)
 

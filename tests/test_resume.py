@@ -14,8 +14,8 @@ from imagebind_lite.train import train
 RUN = "depth-synthetic_scenes"
 
 
-def config(out, *extra):
-    overrides = tiny_overrides(
+def config_args(out, *extra) -> list[str]:
+    return tiny_overrides(
         out,
         "data.batch_size=16",
         "data.preprocess={image_size: 32}",
@@ -24,7 +24,10 @@ def config(out, *extra):
         "optim.max_steps=2",
         *extra,
     )
-    return load_config(REPO / "configs/depth.yaml", overrides)
+
+
+def config(out, *extra):
+    return load_config(REPO / "configs/depth.yaml", config_args(out, *extra))
 
 
 @pytest.fixture
@@ -83,3 +86,18 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(trained):
         ]
         == 16
     )
+
+
+def test_resume_auto_starts_a_new_run_then_resumes_it(tmp_path, capsys):
+    from imagebind_lite.cli import train_main
+
+    first = train(config(tmp_path), resume="auto", quiet=True)  # no run yet: a new one
+    assert first["run_dir"] == str(tmp_path / RUN) and first["steps"] == 2
+    assert "no complete checkpoint" not in capsys.readouterr().out
+    # The same command again (a requeued job), through the script's parser: it resumes.
+    again = train_main(
+        "depth.yaml", ["--resume", "auto", *config_args(tmp_path, "optim.max_steps=4")]
+    )
+    assert again["run_dir"] == first["run_dir"] and again["steps"] == 4
+    assert "from step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN]  # no second run folder
