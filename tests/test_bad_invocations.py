@@ -114,6 +114,8 @@ CASES = [
     ("bench/loss_memory.py", ["--global-batch", "512,abc"], "--global-batch: expected a whole"),
     ("bench/train_step.py", ["--anchor", "nosuch"], "unknown open_clip model 'nosuch'"),
     ("bench/manifest_cache.py", ["--clips", "4", "--batch", "8"], "fewer than one --batch"),
+    ("bench/shard_offsets.py", ["--shards", "nowhere"], "--shards: no such folder: nowhere"),
+    ("bench/shard_offsets.py", ["--shards", "data"], "no shard index data/shards.json"),
 ]
 
 

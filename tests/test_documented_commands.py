@@ -327,6 +327,7 @@ COMMANDS = {
     "python train/write_shards.py --manifest train.csv --root ROOT --out FEATS --features audio --config configs/audio.yaml": Run(
         {"ROOT": "feed_pairs"}, expect="FEATS/shards.json"
     ),
+    "python bench/shard_offsets.py --clips 3000 --repeats 5": Run(extra="--clips 70 --repeats 1"),
     "python bench/feed.py --device cuda --clips 3000 --batch 256 --steps 20 --warmup 5 --workers 8 --feed worker": Run(
         extra=FEED, rewrite=CPU
     ),
