@@ -298,6 +298,17 @@ def toy_manifest(tmp_path):
     return root, path
 
 
+def test_missing_stats_of_a_read_only_root_name_a_file_elsewhere(tmp_path, monkeypatch):
+    from imagebind_lite.data import transforms
+
+    assert "--out" not in transforms.stats_command("depth", tmp_path)
+    monkeypatch.setattr(transforms.os, "access", lambda path, mode: False)  # as a non-owner
+    assert transforms.stats_command("depth", tmp_path, "--layout sunrgbd") == (
+        f"python train/compute_stats.py --modality depth --layout sunrgbd --root {tmp_path} "
+        f"--out STATS.json (read-only {tmp_path}), then train with data.options.stats=STATS.json"
+    )
+
+
 def test_stats_command_writes_json_and_dataset_uses_it(tmp_path, anchor):
     root, manifest = toy_manifest(tmp_path)
     stats = tmp_path / "stats.json"

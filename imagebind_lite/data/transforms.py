@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,8 +300,14 @@ class RunningStats:
 
 
 def stats_command(modality: str, root, source: str = "--manifest MANIFEST") -> str:
-    """The command that writes the statistics; ``source`` is ``--manifest M`` or ``--layout L``."""
-    return f"python train/compute_stats.py --modality {modality} {source} --root {root}"
+    """The command that writes the statistics; ``source`` is ``--manifest M`` or ``--layout L``.
+    A dataset folder that cannot be written to (a shared, read-only copy) gets them elsewhere."""
+    command = f"python train/compute_stats.py --modality {modality} {source} --root {root}"
+    if Path(root).is_dir() and not os.access(root, os.W_OK):
+        command += (
+            f" --out STATS.json (read-only {root}), then train with data.options.stats=STATS.json"
+        )
+    return command
 
 
 def write_stats(path, modality: str, entry: dict) -> Path:
