@@ -32,7 +32,7 @@ from .anchor import Anchor, looks_like_path
 from .checkpoint import load_model, save_model
 from .config import AnchorConfig, config_to_dict
 from .evaluation.space import Space, SpaceError
-from .files import atomic_dir
+from .files import atomic_dir, load_error_line
 from .interop.imagebind import load_imagebind_encoders
 from .registry import (
     IMAGE_TOWER,
@@ -229,7 +229,7 @@ def _from_hub(name: str, modalities: Sequence[str] | None) -> Path:
         patterns = ["bound.json", *(f"{sub}/*" for sub in subs)]
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except OSError as err:
-        detail = " ".join(str(err).split())[:300]
+        detail = load_error_line(err)
         raise FileNotFoundError(
             f"{name}: not downloaded from the Hugging Face Hub: {detail}"
         ) from None

@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..files import load_error_line
 from ..models.build import resolve_size
 from ..models.encoder import EncoderShape, ModalityEncoder
 from ..registry import (
@@ -184,9 +185,8 @@ def load_imagebind_state_dict(
             return _safetensors_branches(path, modalities)
         state = _torch_load(path)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
-        detail = " ".join(str(err).split())[:200]
         raise ImageBindCheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {detail})"
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {load_error_line(err)})"
         ) from err
     if not isinstance(state, Mapping):
         raise ImageBindCheckpointError(

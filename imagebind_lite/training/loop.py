@@ -358,16 +358,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
 def save_checkpoint(
     accelerator,
     run_dir: Path,
     step: int,
     skipped: Counter,
     keep: int,
-    objective: dict = None,
-    global_batch: int | None = None,
+    objective: dict,
+    global_batch: int,
 ) -> None:
-    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    folder = checkpoint_folder(run_dir, step)
     tmp = folder.with_name(folder.name + ".tmp")
     # Every process writes its own RNG state into the same folder; the main one finalises it.
     if accelerator.is_main_process and tmp.exists():
@@ -376,9 +380,12 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "skipped": dict(skipped), "objective": objective or {}}
-        if global_batch is not None:
-            state["global_batch"] = global_batch
+        state = {
+            "step": step,
+            "skipped": dict(skipped),
+            "objective": objective,
+            "global_batch": global_batch,
+        }
         (tmp / "state.json").write_text(json.dumps(state))
         with atomic_dir(folder) as final_tmp:
             final_tmp.rmdir()
@@ -534,7 +541,7 @@ def train_epochs(task: Task, run: Run) -> None:
 
 
 def stopped(s: LoopSettings, run: Run, signum: int) -> TrainingStopped:
-    folder = s.run_dir / "checkpoints" / f"step_{run.step:08d}" if s.run_dir else None
+    folder = checkpoint_folder(s.run_dir, run.step) if s.run_dir else None
     main = run.accelerator.is_main_process
     return TrainingStopped(signum, run.step, run.total_steps, folder, main)
 
