@@ -11,7 +11,8 @@ The pieces a researcher looks for first:
 - the loop: ``imagebind_lite.training.loop`` (``fit``), run by ``imagebind_lite.train.train``
 
 Layers (each imports only from the ones before it; ``tests/test_architecture.py`` checks):
-1. core: ``registry``, ``config``, ``loss``, ``lora``, ``models/``, ``anchor``, ``checkpoint``
+1. core: ``registry``, ``threads``, ``config``, ``loss``, ``lora``, ``models/``, ``anchor``,
+   ``checkpoint``
 2. data: ``data/``, ``modalities/``, and ``builtins``, which registers the built-ins (this
    package imports it, so every entry point has them)
 3. the training loop: ``training/`` (one loop; a task supplies batch -> loss, evaluation, saving)

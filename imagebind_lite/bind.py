@@ -113,6 +113,8 @@ def validate_bind(bind: BindConfig) -> dict[str, TrainConfig]:
         raise ConfigError("modalities: name at least one modality to bind, e.g. audio: {}")
     if bind.sampling not in ("random", "round_robin"):
         raise ConfigError(f"sampling: expected random or round_robin, got {bind.sampling!r}")
+    if bind.threads is not None and bind.threads < 1:
+        raise ConfigError(f"threads: must be at least 1 (or null: automatic), got {bind.threads}")
     validate_anchor_config(bind.anchor)
     cfgs = {}
     for name, entry in bind.modalities.items():
@@ -284,6 +286,7 @@ class BindTask(Task):
             betas=tuple(bind.betas),
             grad_clip=bind.grad_clip,
             num_workers=bind.num_workers,
+            threads=bind.threads,
             mixed_precision=bind.mixed_precision,
             tracker=bind.tracker,
             hparams={"sampling": bind.sampling, "modalities": ",".join(cfgs)},
@@ -406,6 +409,7 @@ class BindTask(Task):
             "world_size": run.accelerator.num_processes,
             "train_seconds": run.seconds,
             "skipped_total": sum(skipped.values()),
+            **(run.threads.metrics() if run.threads else {}),
         }
         for m in self.cfgs:
             out[f"steps.{m}"] = len(objective.losses[m])

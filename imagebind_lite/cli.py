@@ -13,6 +13,7 @@ import torch
 
 from .bind import bind, combine
 from .config import BindConfig, ConfigError, load_config, resolve_config_arg, shipped_config
+from .threads import use_threads
 from .train import train
 from .training.stopping import TrainingStopped
 
@@ -44,9 +45,13 @@ def one_line(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn an expected failure into one line on stderr and exit status 1, not a traceback; a
-    run stopped by a signal (with its checkpoint saved) exits 128 + the signal's number."""
+    """The context of every script's work. Sets torch's CPU threads by the rule of
+    ``imagebind_lite/threads.py`` (a training run applies its config's ``threads`` again in the
+    loop). Turns an expected failure into one line on stderr and exit status 1, not a
+    traceback; a run stopped by a signal (with its checkpoint saved) exits 128 + the signal's
+    number."""
     try:
+        use_threads()
         yield
     except TrainingStopped as stop:
         if stop.main_process:  # one line for the run, not one per process

@@ -116,6 +116,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    # CPU threads for torch in each process; null: the CPUs available to the process divided
+    # by the processes on this machine (imagebind_lite/threads.py). GPU runs ignore it.
+    threads: int | None = None
     output_dir: str = "runs"
     run_name: str | None = None  # default: <modality>-<dataset>
     mixed_precision: str = "no"  # no, fp16, bf16 (Accelerate)
@@ -144,6 +147,7 @@ class BindConfig:
     emergent: list = field(default_factory=list)  # [[a, b], ...]; default: every pair
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    threads: int | None = None  # CPU threads for torch per process (TrainConfig.threads)
     output_dir: str = "runs"
     run_name: str | None = None  # default: bind-<modality>-<modality>...
     mixed_precision: str = "no"
@@ -316,6 +320,7 @@ RESUMABLE = (
     "optim.grad_accum",
     "data.num_workers",
     "num_workers",
+    "threads",
     "data.root",
     "anchor.cache",
     "output_dir",

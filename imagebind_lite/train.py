@@ -109,6 +109,8 @@ def validate_config(cfg: TrainConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{name}: must be at least 1, got {value}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads: must be at least 1 (or null: automatic), got {cfg.threads}")
     if cfg.eval.every_epochs < 0:
         raise ConfigError(
             f"eval.every_epochs: must be 0 (only at the end) or more, got {cfg.eval.every_epochs}"
@@ -360,6 +362,7 @@ def loop_settings(cfg: TrainConfig, run_dir: Path, quiet: bool) -> LoopSettings:
         grad_clip=cfg.optim.grad_clip,
         batch_size=cfg.data.batch_size * cfg.optim.grad_accum,  # split into micro-batches
         num_workers=cfg.data.num_workers,
+        threads=cfg.threads,
         mixed_precision=cfg.mixed_precision,
         tracker=cfg.tracker,
         hparams=_flat_hparams(cfg) if cfg.tracker else {},
@@ -486,6 +489,7 @@ class AlignmentTask(Task):
             samples_per_second=run.trained_samples / run.seconds if run.trained_samples else 0.0,
             skipped=dict(skipped),
             skipped_total=sum(skipped.values()),
+            **(run.threads.metrics() if run.threads else {}),
             **{f"data_{k}": v for k, v in self.bundle.info.items()},
         )
 

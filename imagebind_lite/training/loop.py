@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,6 +61,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..files import atomic_dir, load_error_line
+from ..threads import ThreadChoice, use_threads
 from .stopping import TrainingStopped, absorb_stop_signals, requested_stop, stop_signals
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
@@ -79,6 +81,7 @@ class LoopSettings:
     grad_clip: float | None = None
     batch_size: int = 1  # samples per process per optimizer step (micro-batches included)
     num_workers: int = 0
+    threads: int | None = None  # CPU threads for torch; None: by the rule of threads.py
     mixed_precision: str = "no"  # no, fp16, bf16 (Accelerate)
     tracker: str | None = None  # any Accelerate tracker, or None
     hparams: dict = field(default_factory=dict)  # the tracker's run config
@@ -161,6 +164,7 @@ class Run:
     skipped: Counter = field(default_factory=Counter)  # bad inputs replaced, by reason
     trained_samples: int = 0  # in this process's session (not before a resume)
     seconds: float = 0.0
+    threads: ThreadChoice | None = None  # torch's CPU threads in this process, and why
 
     @property
     def model(self) -> torch.nn.Module:
@@ -550,8 +554,14 @@ def fit(task: Task, resume_from: Path | None = None) -> dict:
     """Build, resume if asked, train, then the task's ``finish``; returns its result."""
     s = task.settings
     accelerator = build_accelerator(s)
+    # After the Accelerator: its multi-CPU set-up may set torch's threads itself.
+    threads = use_threads(s.threads, s.num_workers)
     set_seed(s.seed, device_specific=False)
     run = prepare_run(task, accelerator)
+    # Said once the data is read, so a bad input is still the run's only line.
+    if accelerator.is_main_process and not s.quiet:
+        print(threads.line(), file=sys.stderr, flush=True)
+    run.threads = threads
     if resume_from is not None:
         load_checkpoint(run, resume_from)
         accelerator.print(f"resumed {s.run_dir} from step {run.step}")
