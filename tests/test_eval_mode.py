@@ -37,8 +37,8 @@ def avmnist(anchor):
 
 def test_avmnist_evaluation_mode_reads_the_clips_unwarped_every_time(avmnist):
     _, bundle = avmnist
-    train = bundle.train
-    view = eval_mode(train)
+    train = bundle.train.dataset  # the clips, under the embedded images (EmbeddedImages)
+    view = eval_mode(bundle.train)
     for i in (0, 7, 123):
         first = view[i]["audio"]
         assert torch.equal(first, view[i]["audio"])  # identical on repeated reads
@@ -54,7 +54,7 @@ def test_avmnist_training_mode_warps_and_evaluation_mode_does_not(avmnist):
     import copy
 
     _, bundle = avmnist
-    warp_only = copy.copy(bundle.train)
+    warp_only = copy.copy(bundle.train.dataset)
     warp_only.augment, warp_only.max_shift = None, 0  # what eval_view used to switch off
     assert any(warp_only.warp)
     differs = [not torch.equal(warp_only[i]["audio"], warp_only.features[i]) for i in range(8)]
@@ -75,9 +75,10 @@ def test_the_linear_probe_embeds_the_training_split_in_evaluation_mode(avmnist):
     one, _ = run_train_collection(Space(), "unused", batch_size=256, built=(cfg, bundle))
     two, _ = run_train_collection(Space(), "unused", batch_size=256, built=(cfg, bundle))
     torch.testing.assert_close(one.embeddings, two.embeddings, rtol=0, atol=0)
-    clean = torch.nn.functional.normalize(bundle.train.features.flatten(1)[:, :16], dim=-1)
+    clips = bundle.train.dataset
+    clean = torch.nn.functional.normalize(clips.features.flatten(1)[:, :16], dim=-1)
     torch.testing.assert_close(one.embeddings, clean)
-    assert one.ids == bundle.train.ids and one.labels == bundle.train.labels.tolist()
+    assert one.ids == clips.ids and one.labels == clips.labels.tolist()
 
 
 # --------------------------------------------------------------- every registered dataset

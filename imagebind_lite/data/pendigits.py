@@ -13,18 +13,17 @@ Splits: train = the 30 writers of ``pendigits-orig.tra``, eval = the 14 other wr
 is paired with a random training image of its digit, drawn again every time it is read, with
 the audio demo's pairing (``avmnist.PairedAudioImages``): the pen encoder sees images only
 through the frozen anchor and never sees text. The images are not augmented, so the builder
-embeds each once with the anchor (``EmbeddedImages``) and training batches carry those
-embeddings, not pixels.
+embeds each once with the anchor (``avmnist.EmbeddedImages``, as the audio demo does) and
+training batches carry those embeddings, not pixels.
 
 Options: ``data.root`` (a folder holding ``pendigits-orig.tra.gz`` and ``pendigits-orig.tes.gz``;
 default: the shipped copy), ``data.options.image_root`` (a folder with ``digits.csv.gz``; default:
 the audio demo's), ``data.options.embed_images`` (default true; false sends pixels to the anchor
-every step, as the audio demo does). With ``anchor.cache`` the trainer reads that cache instead.
+every step). With ``anchor.cache`` the trainer reads that cache instead.
 """
 
 from __future__ import annotations
 
-import copy
 import gzip
 import re
 import zlib
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ..anchor import ASSETS
 from . import avmnist
@@ -201,58 +199,6 @@ def digit_id(digit: PenDigit) -> str:
     return f"pen-w{digit.writer:02d}-{digit.index:03d}"
 
 
-class EmbeddedImages(Dataset):
-    """A paired training set whose images are replaced by the frozen anchor's embeddings of them,
-    computed once when the dataset is built (an in-memory anchor cache): the images are never
-    augmented, so each has one embedding, and the anchor's image tower, two thirds of a CPU
-    training step here, leaves the loop. Samples carry ``"anchor_embedding"`` instead of
-    ``"vision"``; the pairing draws are the wrapped set's. It keeps the cache protocol of
-    ``imagebind_lite.cache``, so ``train/cache_anchor.py`` and ``anchor.cache`` still work: once
-    an on-disk cache takes over (``use_anchor_views``), samples name their view instead."""
-
-    max_anchor_views = 1
-
-    def __init__(self, dataset, anchor, batch_size: int = 256):
-        self.dataset = dataset
-        views = list(dataset.anchor_view_ids(1))
-        self.row = {view: i for i, view in enumerate(views)}
-        chunks, device = [], next(anchor.model.parameters()).device
-        with torch.no_grad():
-            for i in range(0, len(views), batch_size):
-                pixels = torch.stack([dataset.anchor_input(v) for v in views[i : i + batch_size]])
-                chunks.append(anchor.encode_image(pixels.to(device)).float().cpu())
-        self.embeddings = torch.cat(chunks)
-        dataset.use_anchor_views(1)
-        self.external = False
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def eval_mode(self) -> EmbeddedImages:
-        view = copy.copy(self)
-        view.dataset = self.dataset.eval_mode()
-        return view
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.dataset[index]
-        if not self.external:
-            sample["anchor_embedding"] = self.embeddings[self.row[sample.pop("view_id")]]
-        return sample
-
-    def anchor_view_ids(self, views: int = 1) -> list[str]:
-        return self.dataset.anchor_view_ids(views)
-
-    def anchor_input(self, view_id: str) -> torch.Tensor:
-        return self.dataset.anchor_input(view_id)
-
-    def use_anchor_views(self, views: int | None) -> None:
-        self.external = views is not None
-        self.dataset.use_anchor_views(views if self.external else 1)
-
-
 RESAMPLE = ("time", "arc")
 
 
@@ -318,7 +264,8 @@ def build_pendigits(cfg, anchor, spec) -> DatasetBundle:
         image_ids=[f"digit-image-{int(i)}" for i in torch.nonzero(train_images).flatten()],
     )
     if not cfg.anchor.cache and cfg.data.options.get("embed_images", True):
-        train = EmbeddedImages(train, anchor)  # with anchor.cache, the trainer reads that cache
+        # With anchor.cache, the trainer reads that cache instead.
+        train = avmnist.EmbeddedImages(train, anchor)
     test = avmnist.ClipSet(*tensors(test_digits), "pen")
     return DatasetBundle(
         train=train,
