@@ -11,7 +11,6 @@ import hashlib
 import pickle
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -47,6 +46,9 @@ def looks_like_path(value: str) -> bool:
 
 def validate_anchor_config(cfg: AnchorConfig) -> tuple[str, str | None]:
     """Check the anchor can be built, before any data is read. Returns (model, pretrained)."""
+    # open_clip imports all of torchvision and torch._dynamo (~2 s): only when an anchor is used.
+    import open_clip
+
     config_file = resolve_asset(cfg.model_config, (".json",))
     if config_file is not None:
         if not Path(config_file).exists():
@@ -78,6 +80,8 @@ LOAD_ERRORS = (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingErr
 def load_open_clip(model_name: str, pretrained: str | None, device):
     """open_clip's (model, train transform, preprocess); weights that do not load are one line
     naming ``anchor.pretrained``."""
+    import open_clip  # see validate_anchor_config
+
     try:
         return open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device
@@ -112,6 +116,8 @@ class Anchor(nn.Module):
     """Frozen open_clip image and text towers with their preprocessing and tokenizer."""
 
     def __init__(self, cfg: AnchorConfig, device: torch.device | str = "cpu"):
+        import open_clip  # see validate_anchor_config
+
         super().__init__()
         model_name, pretrained = validate_anchor_config(cfg)
         self.config = cfg

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -108,6 +107,7 @@ class FinetuneConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     num_workers: int = 0  # image loading workers (manifest domains read files)
+    threads: int | None = None  # CPU threads for torch (TrainConfig.threads)
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -477,6 +477,8 @@ def _describe_base(cfg: FinetuneConfig, pretrained: str | None) -> dict:
 def anchor_normalizer(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """Pixels in [0, 1] -> the input statistics ``Anchor`` normalises with later: the fine-tuned
     towers must see the same input."""
+    import open_clip  # all of torchvision (~2 s): only when fine-tuning
+
     visual = model.visual
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
@@ -535,11 +537,14 @@ class FinetuneTask(Task):
             warmup_epochs=cfg.warmup_epochs,
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
+            threads=cfg.threads,
             desc="fine-tune anchor",
             quiet=quiet,
         )
 
     def build(self, accelerator: Accelerator) -> TaskParts:
+        import open_clip  # all of torchvision (~2 s): only when fine-tuning
+
         cfg, device = self.cfg, accelerator.device
         self.model_name, self.pretrained = validate_anchor_config(cfg.anchor)
         model, _, _ = load_open_clip(self.model_name, self.pretrained, "cpu")
@@ -604,6 +609,7 @@ class FinetuneTask(Task):
             "image_to_text_top1_after": {n: after[n]["top1"] for n in classified},
             "eval_sizes": {d.name: len(d.eval_images) for d in domains},
             "train_seconds": run.seconds,
+            **(run.threads.metrics() if run.threads else {}),
             "steps": run.step,
             "final_loss": run.loss,
             "trainable": cfg.trainable,

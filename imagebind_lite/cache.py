@@ -54,7 +54,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import open_clip
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -427,6 +426,8 @@ def _embed_views(anchor, dataset, ids, batch_size, num_workers, acc):
 
 
 def _versions() -> dict:
+    import open_clip  # all of torchvision (~2 s): only when a cache is written (the anchor has it)
+
     return {
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,

@@ -31,12 +31,10 @@ and an anchor cache whose anchor has no weights to start from.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..config import ConfigError
@@ -44,6 +42,12 @@ from ..registry import get_modality
 from .build import resolve_size
 from .encoder import ModalityEncoder
 from .trainable import TRAINABLE_MODES, set_trainable
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
+
+# open_clip (all of torchvision, ~2 s) is imported in the functions that use it: only for
+# encoder.init=anchor, where the anchor has been built (and so imported it) anyway.
 
 INIT_MODES = ("random", "anchor")
 WHERE = "encoder.init=anchor"
@@ -86,6 +90,8 @@ def check_encoder_options(cfg) -> None:
             f"{WHERE}: anchor.cache holds only embeddings and anchor.pretrained is null, so "
             "there are no anchor weights to start from; set anchor.pretrained"
         )
+    import open_clip
+
     vision = (open_clip.get_model_config(cfg.anchor.model) or {}).get("vision_cfg", {})
     kind = "a timm" if vision.get("timm_model_name") else None
     if isinstance(vision.get("layers"), (list, tuple)):
@@ -123,6 +129,8 @@ def setup_encoder(encoder: ModalityEncoder, cfg, anchor) -> list[str]:
 
 
 def _block_problem(block: nn.Module) -> str | None:
+    from open_clip.transformer import ResidualAttentionBlock
+
     if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
         return f"{type(block).__name__} blocks"
     if not (isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity)):
@@ -136,6 +144,8 @@ def _block_problem(block: nn.Module) -> str | None:
 
 
 def _activation(block: nn.Module) -> str | None:
+    from open_clip.transformer import QuickGELU
+
     act = block.mlp.gelu
     if isinstance(act, QuickGELU):
         return "quick_gelu"
@@ -172,6 +182,8 @@ def _tower_problem(visual: VisionTransformer) -> str | None:
 def anchor_architecture(visual: nn.Module, drop_path: float = 0.0) -> dict[str, Any]:
     """``ARCHITECTURE_FIELDS`` of an open_clip image tower; ConfigError (one line naming
     ``encoder.init``) where it is not a plain ViT."""
+    from open_clip.transformer import VisionTransformer
+
     if not isinstance(visual, VisionTransformer):
         raise ConfigError(
             f"{WHERE}: the anchor's image tower is a {type(visual).__name__}, not an open_clip "

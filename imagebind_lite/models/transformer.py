@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -88,6 +87,9 @@ class Block(nn.Module):
         act: str = "gelu",
         mlp_width: int | None = None,
     ):
+        # timm.layers imports timm.models and torchvision (~2 s): only once a block is built.
+        from timm.layers import DropPath, Mlp
+
         super().__init__()
         self.norm_1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, add_bias_kv=add_bias_kv)
