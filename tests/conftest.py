@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_runner import run_script as run_script  # scripts forked warm: the rule is there
+from script_runner import start_fork_server, stop_fork_server
+from script_runner import start_script as start_script
 
 REPO = Path(__file__).resolve().parents[1]
 # Real files the tests read: the package's own assets and tests/data (see its README).
@@ -18,8 +21,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WOR
 
 SLOW = bool(os.environ.get("IMAGEBIND_LITE_SLOW_TESTS"))
 
-# A script run by a test: one thread, output unbuffered (a killed run still shows what it did).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# A script run by a test: one thread (also under accelerate launch, whose OMP_NUM_THREADS the
+# scripts ignore), output unbuffered (a killed run still shows what it did).
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "IMAGEBIND_LITE_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def run_python(args, timeout=600, new_session=False, **env) -> subprocess.CompletedProcess:
@@ -36,6 +45,14 @@ def run_python(args, timeout=600, new_session=False, **env) -> subprocess.Comple
     )
 
 
+def fork_python(args, timeout=600, new_session=False, **env) -> subprocess.CompletedProcess:
+    """``run_python`` without a new interpreter: the same call (a script or ``-c SOURCE``, then
+    its arguments; from the repository root with ``ENV`` plus ``env``) through ``run_script``,
+    a fork of a process that has the heavy libraries imported. Where the separate interpreter
+    is what a test is about (imports, start-up, ``-m``, a launcher), use ``run_python``."""
+    return run_script(args, cwd=REPO, env={**ENV, **env}, timeout=timeout, new_session=new_session)
+
+
 def free_port() -> int:
     """A free local TCP port: tests run in parallel, and two launches on accelerate's default
     port 29500 would join each other's process group."""
@@ -47,6 +64,14 @@ def free_port() -> int:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs only with IMAGEBIND_LITE_SLOW_TESTS=1")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    # The fork server of run_script, forked now, before any test: what a test does in-process
+    # never reaches a script. Not in pytest-xdist's controller, which runs no test.
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        start_fork_server()
+
+
+def pytest_unconfigure(config):
+    stop_fork_server()
 
 
 def pytest_collection_modifyitems(config, items):

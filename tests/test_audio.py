@@ -13,8 +13,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +23,7 @@ import soundfile as sf
 import torch
 import torchaudio
 import torchaudio.functional as AF
+from conftest import run_script
 from torchaudio.compliance import kaldi
 
 from imagebind_lite.data import audio, audio_reference
@@ -539,16 +538,8 @@ def test_preprocess_bench_reports_identical_output(fsdd):
     # The speed figures come from bench/audio_preprocess.py; here only its output contract and
     # the equality it checks (timings on a shared machine are not asserted).
     repo = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable,
-        "bench/audio_preprocess.py",
-        str(RECORDINGS),
-        "--limit",
-        "12",
-        "--repeat",
-        "1",
-    ]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    cmd = ["bench/audio_preprocess.py", str(RECORDINGS), "--limit", "12", "--repeat", "1"]
+    proc = run_script(cmd, cwd=repo, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["files"] == 12 and result["clips"] == 36
@@ -562,9 +553,8 @@ def test_compare_bench_checks_output_against_a_revision(fsdd):
     # bench/audio_compare.py times this checkout against a git revision's audio module; here
     # against HEAD, whose output must be identical (timings are not asserted).
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "bench/audio_compare.py", "HEAD", str(RECORDINGS)]
-    cmd += ["--limit", "6", "--rounds", "1"]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    cmd = ["bench/audio_compare.py", "HEAD", str(RECORDINGS), "--limit", "6", "--rounds", "1"]
+    proc = run_script(cmd, cwd=repo, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])[str(RECORDINGS)]
     assert result["files"] == 6 and result["speedup"] > 0
@@ -573,15 +563,8 @@ def test_compare_bench_checks_output_against_a_revision(fsdd):
 
 def test_make_long_audio_writes_esc50_shaped_files(fsdd, tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable,
-        "bench/make_long_audio.py",
-        str(RECORDINGS),
-        str(tmp_path),
-        "--count",
-        "2",
-    ]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    cmd = ["bench/make_long_audio.py", str(RECORDINGS), str(tmp_path), "--count", "2"]
+    proc = run_script(cmd, cwd=repo, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = sorted(tmp_path.glob("*.wav"))
     assert [p.name for p in written] == ["000.wav", "001.wav"]

@@ -7,22 +7,16 @@ import io
 import os
 import re
 import runpy
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_script
 
 
 def invoke(tmp_path, script, *args):
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """``python SCRIPT ARGS`` from ``tmp_path``, as a process of its own (forked warm)."""
+    return run_script([str(REPO / script), *args], cwd=tmp_path, timeout=300)
 
 
 def invoke_in_process(folder, script, *args) -> tuple[int, str]:

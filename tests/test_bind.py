@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FSDD, REPO, free_port, killed_after_checkpoint, run_python
+from conftest import FSDD, REPO, fork_python, free_port, killed_after_checkpoint, run_python
 from PIL import Image
 from safetensors.torch import load_file
 from test_pen import TES, raw_lines
@@ -60,15 +60,16 @@ def tiny(out, *extra, steps=40, batch=64):
     ]
 
 
-run = run_python
+run = fork_python  # train/bind.py and the killed run: forked warm (conftest.run_script)
 
 
 def launch(*args, processes=1):
+    """``accelerate launch`` itself (``python -m``), one process or several: a real one."""
     multi = ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(free_port())]
     multi = multi if processes > 1 else []
     head = ["-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes)]
     head += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return run([*head, *args])
+    return run_python([*head, *args])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, free_port, tiny_overrides
+from conftest import REPO, free_port, run_script, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 from imagebind_lite.anchor import Anchor
@@ -270,12 +270,24 @@ def test_avmnist_views_are_the_paired_images(tmp_path):
     (tmp_path / "digits.csv.gz").symlink_to(DEFAULT_ROOT / "digits.csv.gz")
     for path in sorted((DEFAULT_ROOT / "audio").glob("*_[01].flac")):
         (tmp_path / "audio" / path.name).symlink_to(path)
-    cfg = load_config(
-        REPO / "configs/audio.yaml", ["anchor.pretrained=null", f"data.root={tmp_path}"]
-    )
+    overrides = ["anchor.pretrained=null", f"data.root={tmp_path}"]
+    cfg = load_config(REPO / "configs/audio.yaml", [*overrides, "data.options.embed_images=false"])
     anchor = Anchor(cfg.anchor)
-    train_set = get_dataset_builder("avmnist")(cfg, anchor, get_modality("audio")).train
+    build, spec = get_dataset_builder("avmnist"), get_modality("audio")
+    train_set = build(cfg, anchor, spec).train
     assert len(train_set) == 2 * 10 * 4  # speakers george and theo are held out
+    # By default the builder embeds every image once: a sample carries its drawn image's
+    # embedding, the anchor's output for that image, with the same draws as without.
+    embedded = build(load_config(REPO / "configs/audio.yaml", overrides), anchor, spec).train
+    for i in (0, 33, 79):
+        sample, inner = embedded[i], embedded.dataset
+        inner.use_anchor_views(None)
+        pixels = inner[i]["vision"]
+        inner.use_anchor_views(1)
+        with torch.no_grad():
+            expected = anchor.encode_image(pixels[None]).float()[0]
+        torch.testing.assert_close(sample["anchor_embedding"], expected, rtol=1e-5, atol=1e-6)
+        assert "vision" not in sample and torch.equal(sample["audio"], train_set[i]["audio"])
     plain = [train_set[i] for i in range(0, len(train_set), 7)]
     train_set.use_anchor_views(1)
     views = train_set.anchor_view_ids(1)
@@ -448,12 +460,7 @@ def test_rgb_thermal_manifest_stats_cache_then_cached_training(tmp_path):
         + ["optim.max_steps=2", "data.batch_size=4", "encoder.overrides={depth: 1}"],
     ]
     for command in commands:
-        proc = subprocess.run(
-            [sys.executable, str(REPO / command[0]), *command[1:]],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_script([str(REPO / command[0]), *command[1:]], cwd=os.getcwd(), timeout=300)
         assert proc.returncode == 0, (command[0], proc.stderr[-2000:])
     assert json.loads((root / "stats.json").read_text())["thermal"]["files"] == 12
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])

@@ -1,12 +1,10 @@
 """eval/ceiling.py: the same encoder trained on labels, scored on the same held-out split."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_script, tiny_overrides
 
 from imagebind_lite.ceiling import CosineClassifier, ceiling
 from imagebind_lite.config import load_config
@@ -61,14 +59,12 @@ def test_a_run_read_with_other_preprocessing_is_refused(tmp_path, pen_run):
 
 def test_the_script_ends_with_one_json_line(tmp_path):
     args = [f"{a}" for a in tiny_overrides(tmp_path, *PEN, "optim.max_steps=2")]
-    cmd = [sys.executable, "eval/ceiling.py", "--config", "configs/pen.yaml", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = ["eval/ceiling.py", "--config", "configs/pen.yaml", *args]
+    proc = run_script(cmd, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(last) >= {"supervised_top1", "supervised_top5", "train_seconds", "run_dir"}
-    bad = subprocess.run(
-        [*cmd, "--checkpoint", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True
-    )
+    bad = run_script([*cmd, "--checkpoint", str(tmp_path / "nope")], cwd=REPO)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         f"error: --checkpoint: run not found: {tmp_path / 'nope'}"
     ]

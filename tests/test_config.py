@@ -1,11 +1,10 @@
 """Configs: YAML + dataclasses + command-line overrides; bad configs fail with one clear line."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_script
 from safetensors.torch import save_file
 
 from imagebind_lite.anchor import Anchor
@@ -67,17 +66,8 @@ def test_semantic_errors_before_data(override, message):
 
 
 def test_script_prints_one_clear_line_and_reads_no_data(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train/align_audio.py"),
-            "optim.lrr=1",
-            f"output_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    script = [str(REPO / "train/align_audio.py"), "optim.lrr=1", f"output_dir={tmp_path}"]
+    proc = run_script(script, cwd=os.getcwd(), timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "config error: unknown config field optim.'lrr'; known: betas, epochs, grad_accum, "

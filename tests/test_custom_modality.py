@@ -8,14 +8,14 @@ rebuilds the saved model from this file with ``load_run``. The last tests run
 """
 
 import json
+import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_script, tiny_overrides
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -182,8 +182,8 @@ def test_a_model_folder_with_code_is_refused_and_the_code_never_runs(tmp_path):
     for load in (load_model, load_run):
         with pytest.raises(ValueError, match=r"modality 'evil' is defined by code .*modality.py"):
             load(folder)
-    script = [sys.executable, str(REPO / "eval" / "zero_shot.py"), "--checkpoint", str(folder)]
-    proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    script = [str(REPO / "eval" / "zero_shot.py"), "--checkpoint", str(folder)]
+    proc = run_script(script, cwd=os.getcwd(), timeout=120)  # a process of its own
     assert proc.returncode != 0 and "--trust-code" in proc.stderr.strip().splitlines()[-1]
     assert not marker.exists()
     with pytest.raises(KeyError):  # trusted, the code runs (and registers nothing here)

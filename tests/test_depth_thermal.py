@@ -5,13 +5,12 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TEST_DATA
+from conftest import REPO, TEST_DATA, run_script
 from PIL import Image
 
 from imagebind_lite.config import load_config
@@ -376,9 +375,9 @@ def test_stats_from_the_sunrgbd_layout_need_its_split_file(tmp_path):
     train_id, test_id = (r.id for r in records)
     stats = tmp_path / "stats.json"
     args = ["--modality", "depth", "--layout", "sunrgbd", "--root", str(root)]
-    cmd = [sys.executable, "train/compute_stats.py", *args, "--out", str(stats)]
+    cmd = ["train/compute_stats.py", *args, "--out", str(stats)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(cmd, cwd=REPO, env=env, timeout=300)
     assert proc.returncode != 0 and not stats.exists()
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: sunrgbd: split='train'")
     assert "allsplit.mat" in proc.stderr and "SUN RGB-D toolbox" in proc.stderr

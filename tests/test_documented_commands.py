@@ -10,6 +10,8 @@ until its entry here changes with it. Adding one is one line:
     "python eval/new.py --checkpoint RUN": Run({"RUN": "audio_run"}, "--no-progress"),
 """
 
+import glob
+import json
 import os
 import re
 import shlex
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TEST_DATA, free_port
+from conftest import REPO, TEST_DATA, free_port, run_script
 from PIL import Image
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -314,6 +316,11 @@ COMMANDS = {
         extra="--clips 16 --batch 8 --steps 1 --repeats 1 --check-steps 1 --image-size 32 "
         "anchor.model=tiny-clip-32 anchor.model_config=imagebind_lite:tiny-clip-32"
     ),
+    # ---- docs/speed.md: CPU threads (a tiny encoder, one timed step per setting)
+    "python bench/threads.py --config audio --steps 10 --repeats 3": Run(
+        extra=f"--steps 1 --repeats 1 --warmup 0 {AUDIO.replace(TINY, '')} "
+        "'encoder.overrides={depth: 1, width: 32, heads: 2}' tracker=null"
+    ),
     # ---- docs/scale.md: keeping the accelerator fed
     "python bench/feed.py --config configs/audio.yaml --encoder-size tiny-conv --batch 32 --steps 2 --warmup 1 --workers 0 --feed worker": Run(
         extra=FEED
@@ -377,8 +384,113 @@ def test_parser_joins_continuations_and_drops_comments():
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "0"}
 
 
+# What `accelerate launch SCRIPT` (one process: no config file, no flags, a CPU-only machine)
+# adds to its child's environment, OMP_NUM_THREADS=1 only where the caller sets none (it keeps
+# the caller's); test_launcher_env_is_what_the_launcher_sets checks it against the real one.
+LAUNCHER_ENV = {
+    "ACCELERATE_USE_CPU": "False",
+    "ACCELERATE_MIXED_PRECISION": "no",
+    "ACCELERATE_DYNAMO_BACKEND": "NO",
+    "ACCELERATE_DYNAMO_MODE": "default",
+    "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
+    "OMP_NUM_THREADS": "1",
+}
+SCRIPT_DIRS = ("train", "eval", "bench")  # the scripts a documented line may run in a fork
+
+
+def launched_env(env: dict) -> dict:
+    """The environment `accelerate launch SCRIPT` gives SCRIPT when started with ``env``."""
+    threads = str(int(env["OMP_NUM_THREADS"])) if env.get("OMP_NUM_THREADS") else "1"
+    return {**env, **LAUNCHER_ENV, "OMP_NUM_THREADS": threads}
+
+
+def shell_words(line: str, cwd: Path) -> list[str] | None:
+    """The words bash runs for ``line`` (quotes and backslashes removed, unquoted globs expanded
+    from ``cwd``, sorted, a glob matching nothing left as it is), or None where the line needs
+    the shell: an operator or redirect, an expansion ($, backticks, braces, ~), a comment."""
+    words, word, i = [], None, 0  # word: [(character, quoted)] while one is being read
+    while i < len(line):
+        char = line[i]
+        if char in " \t\n":
+            if word is not None:
+                words.extend(_expanded(word, cwd))
+            word, i = None, i + 1
+            continue
+        if word is None:
+            if char in "~#":
+                return None
+            word = []
+        if char == "'":
+            end = line.find("'", i + 1)
+            if end < 0:
+                return None
+            word += [(c, True) for c in line[i + 1 : end]]
+            i = end + 1
+        elif char == '"':
+            i += 1
+            while i < len(line) and line[i] != '"':
+                if line[i] in "$`":
+                    return None
+                if line[i] == "\\" and line[i + 1 : i + 2] in ('"', "\\", "$", "`"):
+                    i += 1
+                word.append((line[i], True))
+                i += 1
+            if i == len(line):
+                return None
+            i += 1
+        elif char == "\\":
+            if i + 1 == len(line):
+                return None
+            word.append((line[i + 1], True))
+            i += 2
+        elif char in "|&;<>(){}$`":
+            return None
+        else:
+            word.append((char, False))
+            i += 1
+    if word is not None:
+        words.extend(_expanded(word, cwd))
+    return words
+
+
+def _expanded(word: list, cwd: Path) -> list[str]:
+    text = "".join(c for c, _ in word)
+    if not any(c in "*?[" and not quoted for c, quoted in word):
+        return [text]
+    pattern = "".join(glob.escape(c) if quoted else c for c, quoted in word)
+    return sorted(glob.glob(pattern, root_dir=cwd)) or [text]
+
+
+def forkable(line: str, cwd: Path) -> tuple[list[str], dict] | None:
+    """(``[SCRIPT, *ARGS]``, environment) where ``line`` is `python SCRIPT ARGS` or a one-process
+    `accelerate launch SCRIPT ARGS` (no launcher flags) of a script under train/, eval/ or
+    bench/ and no shell syntax; else None (bash runs it)."""
+    words = shell_words(line, cwd)
+    if words and words[0] == "python":
+        args, env = words[1:], ENV
+    elif words and words[:2] == ["accelerate", "launch"]:
+        args, env = words[2:], launched_env(ENV)
+    else:
+        return None
+    script = (cwd / args[0]).resolve() if args else None
+    if script is None or script.suffix != ".py" or not script.is_file():
+        return None
+    if script.parent.parent != REPO or script.parent.name not in SCRIPT_DIRS:
+        return None
+    return args, env
+
+
 def sh(command: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a documented command line through bash, with this interpreter for python."""
+    """Run a documented command line as bash would, with this interpreter for python: a line
+    ``forkable`` accepts in a fork of this warm process (``conftest.run_script``: exit status,
+    output, cwd, environment and argv as a real run has them, without the interpreter's
+    start-up), any other (``python -m``, several processes or machines, shell syntax) through
+    bash."""
+    forked = forkable(command, Path(cwd))
+    if forked is not None:
+        args, env = forked
+        return run_script(args, cwd=cwd, env=env, timeout=timeout)
     return subprocess.run(
         ["bash", "-c", sh_line(command)],
         cwd=cwd,
@@ -769,3 +881,75 @@ def sh_line(command: str) -> str:
     if "--multi_gpu" in command and "--main_process_port" not in command:
         launch += f"--main_process_port {free_port()} "  # xdist workers launch side by side
     return re.sub(r"^accelerate launch ", launch, command)
+
+
+# ----------------------------------------------------------------------------- the emulation
+
+
+def test_launcher_env_is_what_the_launcher_sets(tmp_path):
+    """The real `accelerate launch` on a script that prints its environment: what it adds is
+    LAUNCHER_ENV, exactly (the forked one-process lines run with launched_env)."""
+    script = tmp_path / "environ.py"
+    script.write_text("import json, os\nprint(json.dumps(dict(os.environ)))\n")
+    parent = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS" and "ACCELERATE" not in k}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", str(script)]
+    proc = subprocess.run(
+        launch, cwd=tmp_path, env=parent, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in child.items() if parent.get(k) != v} == LAUNCHER_ENV
+    assert child == launched_env(parent)  # nothing removed either
+    assert launched_env({**parent, "OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+
+
+def _documented_lines():
+    """Every table line as test_documented_command_runs runs it (fixtures as /FIXTURE/NAME)."""
+    for command, spec in COMMANDS.items():
+        line = normalise(command)
+        for old, new in spec.rewrite.items():
+            line = line.replace(old, new)
+        extra = re.sub(r"<(\w+)>", r"/FIXTURE/\1", spec.extra)
+        yield f"{line} {extra}".strip()
+
+
+SPLIT_CASES = [
+    "python eval/space.py embed --checkpoint RUN clips/*.wav --out 'x y.safetensors'",
+    "python eval/space.py embed 'clips/*.wav' clips/*.flac clips/?.wav x[ab].txt \"[a b]\"",
+    'python a.py "text:a dog barking" \'\' "" c\\ d "q\\"uote" \'data.options.t=["a {}."]\'',
+    "python a.py 'encoder.overrides={depth: 1, width: 32, heads: 2}' a=b\\*c .hidden*",
+]
+
+
+def test_words_are_what_bash_passes(tmp_path):
+    """shell_words against bash itself: for every documented line and a few quoting and glob
+    cases, the words bash gives a command (from a folder with files the globs match)."""
+    (tmp_path / "clips").mkdir()
+    for name in ("clips/b.wav", "clips/a.wav", "clips/.c.wav", "xa.txt", ".hidden1"):
+        (tmp_path / name).write_text("")
+    for line in [*_documented_lines(), *SPLIT_CASES]:
+        words = shell_words(line, tmp_path)
+        if words is None:
+            continue
+        echo = f"printf '%s\\0' {line}"
+        proc = subprocess.run(["bash", "-c", echo], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert words == proc.stdout.split("\0")[:-1], line
+    assert shell_words("python a.py x && python b.py", tmp_path) is None
+    assert shell_words("python a.py > out.txt", tmp_path) is None
+    assert shell_words("python a.py $HOME", tmp_path) is None
+    assert shell_words("python a.py {a,b}", tmp_path) is None
+
+
+def test_which_documented_lines_run_in_a_fork(tmp_path):
+    """In a fork: `python SCRIPT` and one-process `accelerate launch SCRIPT` of train/, eval/,
+    bench/; through bash: `python -m`, and launches of several processes or machines."""
+    box = sandbox(tmp_path / "box")
+    for line in _documented_lines():
+        forked = forkable(line, box)
+        real = line.startswith("python -m ") or "--multi_gpu" in line
+        assert (forked is None) == real, line
+        if forked is not None and line.startswith("accelerate launch "):
+            assert forked[1] == launched_env(ENV)
+        elif forked is not None:
+            assert forked[1] == ENV

@@ -4,13 +4,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_script
 from PIL import Image
 from test_protocols import make_clotho, make_esc50
 
@@ -365,22 +363,8 @@ def test_space_embed_search_arithmetic_compare(run, tmp_path, capsys):
         space_cli.main(["--checkpoint", run, "compare", f"depth:{items[0]}", items[0]])
     # The script runs as a script too.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "eval/space.py",
-            "--checkpoint",
-            run,
-            "compare",
-            str(clip),
-            "text:the digit three.",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = ["eval/space.py", "--checkpoint", run, "compare", str(clip), "text:the digit three."]
+    proc = run_script(command, cwd=REPO, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("cosine(audio, text) = ")
 

@@ -3,13 +3,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from conftest import run_script
 from torch import nn
 
 from imagebind_lite.modalities import build_encoder
@@ -188,7 +187,6 @@ def test_compiled_encoder_matches_eager():
 def test_gpu_audio_step_bench_smoke_runs_on_cpu():
     # The GPU benchmark's own smoke mode, cut to one block so that it takes seconds on CPU.
     cmd = [
-        sys.executable,
         "bench/gpu_audio_step.py",
         "--device",
         "cpu",
@@ -204,7 +202,7 @@ def test_gpu_audio_step_bench_smoke_runs_on_cpu():
         "1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(cmd, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["config"]["precision"] == "bf16" and result["config"]["tokens"] == 229

@@ -7,15 +7,13 @@ import importlib.util
 import json
 import os
 import shlex
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import scipy.io
 import torch
-from conftest import REPO, TEST_DATA
+from conftest import REPO, TEST_DATA, run_script
 from PIL import Image
 
 from imagebind_lite.anchor import Anchor
@@ -114,14 +112,12 @@ def _script(name):
 
 def _run(command, cwd):
     """A documented command line, verbatim, from a folder where ``train`` is the checkout's
-    (``python`` is this interpreter)."""
+    (``python`` is this interpreter, forked warm: ``run_script``)."""
     if not (cwd / "train").exists():
         (cwd / "train").symlink_to(REPO / "train")
     argv = shlex.split(command)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_script(argv[1:], cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

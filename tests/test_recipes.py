@@ -2,20 +2,18 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_script
 
 TINY = "encoder.overrides={depth: 1, width: 32, heads: 2}"
 
 
 def test_a_sweep_writes_the_table_and_refuses_what_a_modality_cannot_take(tmp_path):
     out = tmp_path / "recipes.md"
-    cmd = [sys.executable, "bench/recipes.py", "--benchmarks", "pen", "--recipes"]
+    cmd = ["bench/recipes.py", "--benchmarks", "pen", "--recipes"]
     cmd += ["imagebind,anchor_init", "--max-steps", "2", "--set", TINY, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_script(cmd, cwd=REPO, timeout=600)  # its runs are real subprocesses
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(out.with_suffix(".json").read_text()) == {"sweeps": [summary]}
@@ -30,8 +28,7 @@ def test_a_sweep_writes_the_table_and_refuses_what_a_modality_cannot_take(tmp_pa
 
 
 def test_an_unknown_recipe_is_one_line():
-    cmd = [sys.executable, "bench/recipes.py", "--recipes", "magic"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_script(["bench/recipes.py", "--recipes", "magic"], cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "--recipes: unknown recipe 'magic'" in proc.stderr
 
 

@@ -17,9 +17,11 @@ from conftest import (
     ENV,
     FSDD,
     REPO,
+    fork_python,
     free_port,
     killed_after_checkpoint,
-    run_python,
+    run_script,
+    start_script,
     tiny_overrides,
 )
 from safetensors.torch import load_file
@@ -178,8 +180,9 @@ def test_fused_adamw_on_cuda_takes_the_multi_tensor_step():
 def _launch(args, tmp_path, **kw):
     port = ["--main_process_port", str(free_port())] if "--multi_gpu" in args else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *port, *args]
+    kw.setdefault("env", ENV)
     return subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
     )
 
 
@@ -198,11 +201,15 @@ def test_two_ranks_train_as_one_global_batch(tmp_path):
         # Patch dropout draws its masks per process, so only a deterministic encoder can match.
         *depth_overrides(tmp_path, "data.batch_size=16", "encoder.patch_dropout=0"),
     ]
-    proc = _launch(args, tmp_path)
+    # Nothing pins the threads: the two ranks share this machine's CPUs between them.
+    env = {k: v for k, v in ENV.items() if k != "IMAGEBIND_LITE_THREADS"}
+    proc = _launch(args, tmp_path, env=env)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     metrics = json.loads((tmp_path / "depth-synthetic_scenes/metrics.json").read_text())
     assert metrics["world_size"] == 2
+    assert metrics["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert "/ 2 processes on this machine" in metrics["threads_reason"]
     assert metrics["global_batch"] == 32
     assert metrics["steps"] == 256 // 32  # each rank saw half of every global batch
     # One process at the same global batch trains the same weights (the ranks' halves of each
@@ -224,24 +231,11 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
     # Two blocks with drop path: the second block's masks must be drawn alike after the resume.
     drop_path = "encoder.overrides={depth: 2, drop_path: 0.2}"
     base = depth_overrides(tmp_path / "a", "optim.epochs=3", drop_path)
-    reference = subprocess.run(
-        [sys.executable, *common, *base],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    reference = run_script([*common, *base], cwd=REPO, env=ENV, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     interrupted = depth_overrides(tmp_path / "b", "optim.epochs=3", drop_path)
-    proc = subprocess.Popen(
-        [sys.executable, *common, *interrupted],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_script([*common, *interrupted], cwd=REPO, env=ENV)  # killed from here
     run = tmp_path / "b" / "depth-synthetic_scenes"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -249,18 +243,11 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
         if ckpt is not None and int(ckpt.name.split("_")[1]) >= 10:  # mid-epoch 2 of 3
             break
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
 
-    resumed = subprocess.run(
-        [sys.executable, *common, "--resume", *interrupted],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_script([*common, "--resume", *interrupted], cwd=REPO, env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed" in resumed.stdout + resumed.stderr
     a = load_file(str(tmp_path / "a/depth-synthetic_scenes/model/model.safetensors"))
@@ -283,7 +270,7 @@ def test_default_audio_run_with_drop_path_resumes_bit_for_bit(tmp_path):
             "encoder.overrides={depth: 2}",  # drop path rises 0 -> 0.1: the second block drops
         ]
 
-    run = run_python
+    run = fork_python
 
     reference = run(["train/align_audio.py", *overrides(tmp_path / "a")])
     assert reference.returncode == 0, reference.stderr[-2000:]
