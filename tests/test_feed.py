@@ -28,7 +28,7 @@ FILES = sorted(FSDD.glob("*.flac"))[::250]  # 12 recordings: every digit, severa
 RECIPE = {  # configs/audio.yaml's data.preprocess
     "num_clips": 1,
     "clip_duration": 1.12,
-    "num_mel_bins": 64,
+    "num_mel_bins": 32,
     "target_length": 112,
     "utterance_norm": True,
 }
@@ -145,8 +145,8 @@ def audio_config(tmp_path, shards, *extra):
             f"data.root={shards}",
             "data.batch_size=4",
             "optim.max_steps=2",
-            "data.preprocess={num_clips: 1, clip_duration: 1.12, num_mel_bins: 64, "
-            "target_length: 112, utterance_norm: true, freq_mask: 8, time_mask: 10}",
+            "data.preprocess={num_clips: 1, clip_duration: 1.12, num_mel_bins: 32, "
+            "target_length: 112, utterance_norm: true, freq_mask: 4, time_mask: 10}",
             *extra,
         ),
     )
@@ -156,7 +156,7 @@ def test_feature_shards_hold_the_cpu_features_in_fp16(feature_shards, anchor):
     _, _, feats = feature_shards
     index = read_index(feats)
     spec = get_modality("audio")
-    options = {**spec.preprocess, **RECIPE, "freq_mask": 8, "time_mask": 10}
+    options = {**spec.preprocess, **RECIPE, "freq_mask": 4, "time_mask": 10}
     assert index["features"]["key"] == "audio" and index["features"]["dtype"] == "float16"
     assert index["features"]["preprocess"] == spec.feature_options(options)
     sampler = sampler_for(index, spec, options, anchor, feats)
@@ -175,15 +175,15 @@ def test_feature_shards_hold_the_cpu_features_in_fp16(feature_shards, anchor):
 def test_feature_shards_refuse_other_preprocessing(feature_shards, tmp_path, anchor):
     _, raw, feats = feature_shards
     spec = get_modality("audio")
-    cfg = audio_config(tmp_path, feats, "data.preprocess.num_mel_bins=32")
-    with pytest.raises(ValueError, match="other data.preprocess: num_mel_bins=32") as err:
+    cfg = audio_config(tmp_path, feats, "data.preprocess.num_mel_bins=64")
+    with pytest.raises(ValueError, match="other data.preprocess: num_mel_bins=64") as err:
         get_dataset_builder("shards")(cfg, anchor, spec)
     assert "\n" not in str(err.value)
     cfg = audio_config(tmp_path, feats, "data.preprocess.features_on=device")
     with pytest.raises(ValueError, match="drop data.preprocess.features_on"):
         get_dataset_builder("shards")(cfg, anchor, spec)
     # Masking is applied at training time: another mask size is fine.
-    cfg = audio_config(tmp_path, feats, "data.preprocess.freq_mask=4")
+    cfg = audio_config(tmp_path, feats, "data.preprocess.freq_mask=8")
     assert len(get_dataset_builder("shards")(cfg, anchor, spec).train) == len(FILES)
 
 
