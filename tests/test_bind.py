@@ -75,7 +75,7 @@ def launch(*args, processes=1):
 @pytest.fixture(scope="module")
 def bind_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bind")
-    # README's command, with tiny overrides appended. Audio starts slower than pen: three audio
+    # README's run, with tiny overrides appended. Audio starts slower than pen: three audio
     # steps (of 32, at a gentler learning rate) for each pen step.
     audio = [
         "modalities.audio.encoder.overrides={depth: 1, drop_path: 0.0}",
@@ -84,7 +84,8 @@ def bind_run(tmp_path_factory):
         "modalities.audio.optim.lr=0.001",
         "warmup_steps=10",
     ]
-    proc = launch("train/bind.py", *tiny(out, *audio, steps=80))
+    # Forked warm: test_documented_commands runs `accelerate launch train/bind.py` itself.
+    proc = run(["train/bind.py", *tiny(out, *audio, steps=80)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "bind-audio-pen", proc.stdout
 
@@ -175,7 +176,7 @@ def test_two_processes_give_the_losses_of_one_at_twice_the_batch(tmp_path):
     # own rows (DDP without SyncBatchNorm, which has no CPU kernel), so it is not comparable.
     args = ["train/bind.py", "anchor.pretrained=null", "checkpoint_every=0"]
     args.append("modalities.audio.encoder.size=tiny")
-    one = launch(*args, *tiny(tmp_path / "one", steps=4, batch=32))
+    one = run([*args, *tiny(tmp_path / "one", steps=4, batch=32)])  # the reference: forked
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch(*args, *tiny(tmp_path / "two", steps=4, batch=16), processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -294,3 +295,28 @@ def test_siglip_and_patch_dropout_per_modality(tmp_path):
     saved = json.loads((Path(metrics["run_dir"]) / "metrics.json").read_text())
     assert saved["siglip_scale.depth"] == metrics["siglip_scale.depth"]
     assert len(json.loads((Path(metrics["run_dir"]) / "losses.json").read_text())["depth"]) == 2
+
+
+def test_the_digit_images_both_datasets_pair_with_are_embedded_once_per_anchor():
+    from imagebind_lite.data.avmnist import embed_images
+
+    class CountingAnchor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(12, 4)
+            self.calls = 0
+
+        def encode_image(self, pixels):
+            self.calls += 1
+            return self.model(pixels.flatten(1))
+
+    pixels = torch.rand(10, 3, 2, 2)
+    anchor, other = CountingAnchor(), CountingAnchor()
+    first = embed_images(anchor, pixels, batch_size=4)
+    assert anchor.calls == 3  # 4 + 4 + 2
+    again = embed_images(anchor, pixels.clone(), batch_size=4)  # same pixels, another tensor
+    assert anchor.calls == 3 and torch.equal(first, again)
+    torch.testing.assert_close(first, anchor.model(pixels.flatten(1)).detach())
+    embed_images(anchor, pixels[:5], batch_size=4)  # other pixels: computed
+    embed_images(other, pixels, batch_size=4)  # another anchor: computed
+    assert anchor.calls == 5 and other.calls == 3

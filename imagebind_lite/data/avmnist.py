@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,25 @@ class PairedAudioImages(EpochRandom, Dataset):
         return self.images[self._image_row[view_id]]
 
 
+_EMBEDDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # anchor -> {key: embeddings}
+
+
+def embed_images(anchor, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The frozen anchor's embeddings of ``pixels`` [N, 3, H, W] (float32, on the CPU), computed
+    once per anchor: a bind run's audio and pen datasets pair with the same digit images, and
+    the second asks for what the first computed (keyed by the pixels' bytes)."""
+    key = hashlib.sha1(pixels.contiguous().numpy().tobytes()).hexdigest()
+    done = _EMBEDDED.setdefault(anchor, {})
+    if key not in done:
+        chunks, device = [], next(anchor.model.parameters()).device
+        with torch.no_grad():
+            for i in range(0, len(pixels), batch_size):
+                chunk = pixels[i : i + batch_size].to(device)
+                chunks.append(anchor.encode_image(chunk).float().cpu())
+        done[key] = torch.cat(chunks)
+    return done[key]
+
+
 class EmbeddedImages(Dataset):
     """A paired training set whose images are replaced by the frozen anchor's embeddings of them,
     computed once when the dataset is built (an in-memory anchor cache): the images are never
@@ -204,12 +225,8 @@ class EmbeddedImages(Dataset):
         self.dataset = dataset
         views = list(dataset.anchor_view_ids(1))
         self.row = {view: i for i, view in enumerate(views)}
-        chunks, device = [], next(anchor.model.parameters()).device
-        with torch.no_grad():
-            for i in range(0, len(views), batch_size):
-                pixels = torch.stack([dataset.anchor_input(v) for v in views[i : i + batch_size]])
-                chunks.append(anchor.encode_image(pixels.to(device)).float().cpu())
-        self.embeddings = torch.cat(chunks)
+        pixels = torch.stack([dataset.anchor_input(v) for v in views])
+        self.embeddings = embed_images(anchor, pixels, batch_size)
         dataset.use_anchor_views(1)
         self.external = False
 
