@@ -4,6 +4,7 @@ then --resume, and the bad inputs refused in one line before training."""
 
 import importlib.util
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -61,6 +62,26 @@ def tiny(out, *extra, steps=40, batch=64):
 
 
 run = fork_python  # train/bind.py and the killed run: forked warm (conftest.run_script)
+
+
+@pytest.fixture(scope="module")
+def small_fsdd(tmp_path_factory):
+    """Overrides for FSDD made small: 3 speakers x 10 digits x 4 takes, theo held out (two
+    batches of 32 per epoch), for the tests that compare runs with each other, not scores."""
+    from imagebind_lite.anchor import ASSETS
+
+    root = tmp_path_factory.mktemp("fsdd")
+    (root / "audio").mkdir()
+    for speaker in ("jackson", "nicolas", "theo"):
+        for digit in range(10):
+            for take in range(4):
+                name = f"{digit}_{speaker}_{take}.flac"
+                shutil.copy(ASSETS / "avmnist" / "audio" / name, root / "audio" / name)
+    shutil.copy(ASSETS / "avmnist" / "digits.csv.gz", root / "digits.csv.gz")
+    return [
+        f"modalities.audio.data.root={root}",
+        "modalities.audio.data.options.test_speakers=[theo]",
+    ]
 
 
 def launch(*args, processes=1):
@@ -171,10 +192,10 @@ def test_retrieval_script_scores_the_pair_of_a_bound_model(bind_run, tmp_path):
     assert json.loads(out.read_text())["pair"] == ["audio", "pen"]
 
 
-def test_two_processes_give_the_losses_of_one_at_twice_the_batch(tmp_path):
+def test_two_processes_give_the_losses_of_one_at_twice_the_batch(tmp_path, small_fsdd):
     # The patch-stem audio encoder: the conv stem's BatchNorm normalises over each process's
     # own rows (DDP without SyncBatchNorm, which has no CPU kernel), so it is not comparable.
-    args = ["train/bind.py", "anchor.pretrained=null", "checkpoint_every=0"]
+    args = ["train/bind.py", "anchor.pretrained=null", "checkpoint_every=0", *small_fsdd]
     args.append("modalities.audio.encoder.size=tiny")
     one = run([*args, *tiny(tmp_path / "one", steps=4, batch=32)])  # the reference: forked
     assert one.returncode == 0, one.stderr[-3000:]
@@ -189,7 +210,7 @@ def test_two_processes_give_the_losses_of_one_at_twice_the_batch(tmp_path):
     assert second["world_size"] == 2 and second["global_batch.audio"] == 32
 
 
-def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
+def test_kill_9_then_resume_reaches_the_same_weights(tmp_path, small_fsdd):
     def overrides(out):
         # Drop path on: its masks must be drawn alike after the resume.
         deep = "{depth: 2, width: 32, heads: 2, drop_path: 0.2}"
@@ -199,6 +220,7 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path):
             "checkpoint_every=3",
             "sampling=random",
             f"modalities.audio.encoder.overrides={deep}",
+            *small_fsdd,
             steps=8,
             batch=32,
         )

@@ -107,7 +107,8 @@ BIND = (
     "tracker=null max_steps=4 warmup_steps=1 sampling=round_robin "
     "'modalities.audio.encoder.overrides={depth: 1, width: 32, heads: 2}' "
     "'modalities.pen.encoder.overrides={depth: 1, width: 32, heads: 2}' "
-    "modalities.audio.data.batch_size=32 modalities.pen.data.batch_size=32"
+    "modalities.audio.data.batch_size=32 modalities.pen.data.batch_size=32 "
+    "modalities.audio.data.root=<avmnist> 'modalities.audio.data.options={test_speakers: [theo]}'"
 )
 
 COMMANDS = {
@@ -563,9 +564,9 @@ def depth_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def bind_run(tmp_path_factory):
+def bind_run(tmp_path_factory, avmnist):
     base = tmp_path_factory.mktemp("bindrun")
-    train_in(base, f"python train/bind.py {BIND}")
+    train_in(base, f"python train/bind.py {BIND.replace('<avmnist>', str(avmnist))}")
     return base / "runs" / "bind-audio-pen"
 
 
