@@ -34,7 +34,9 @@ from .config import (
 )
 from .data.datasets import DatasetBundle, collate, get_dataset_builder
 from .evaluation import prompts
-from .evaluation.zero_shot import embed_dataset, retrieval_metrics, zero_shot_classification
+from .evaluation.uncertainty import bootstrap_ci
+from .evaluation.uncertainty import method as ci_method
+from .evaluation.zero_shot import embed_dataset, retrieval_ranks, zero_shot_classification
 from .loss import SigLIPHead, info_nce
 from .models.anchor_init import check_encoder_options, init_architecture, setup_encoder
 from .models.build import build_encoder, resolve_size, stem_tokens
@@ -534,17 +536,19 @@ def evaluate(
         text = cached_class_text_embeddings(anchor, bundle.classnames, templates or ["{}"])
         result = zero_shot_classification(emb, labels, text.cpu())
         result.pop("predictions")
+        hits = result.pop("hits")
+        for k in (1, 5):
+            result[f"zero_shot_top{k}_ci"] = bootstrap_ci(hits[f"top{k}"])
         result["num_eval"] = len(labels)
         result["num_classes"] = len(bundle.classnames)
-        return result
+        return {**result, "ci_method": ci_method()}
     images, _ = embed_dataset(anchor.encode_image, bundle.eval, "vision", batch_size, device)
-    r = retrieval_metrics(emb @ images.T)
-    return {
-        "retrieval_r1": r["R@1"],
-        "retrieval_r5": r["R@5"],
-        "retrieval_r10": r["R@10"],
-        "num_eval": len(labels),
-    }
+    ranks = retrieval_ranks(emb @ images.T)
+    out: dict = {"num_eval": len(labels), "ci_method": ci_method()}
+    for k in (1, 5, 10):
+        out[f"retrieval_r{k}"] = float((ranks <= k).float().mean())
+        out[f"retrieval_r{k}_ci"] = bootstrap_ci(ranks <= k)
+    return out
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict:

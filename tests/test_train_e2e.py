@@ -31,6 +31,7 @@ from imagebind_lite.anchor import Anchor
 from imagebind_lite.checkpoint import load_run
 from imagebind_lite.config import AnchorConfig, load_config
 from imagebind_lite.data import avmnist
+from imagebind_lite.evaluation.uncertainty import bootstrap_ci
 from imagebind_lite.modalities import build_encoder
 from imagebind_lite.train import (
     AlignmentModule,
@@ -90,7 +91,16 @@ def test_tiny_audio_run_writes_the_run_folder(tmp_path):
     text = model.embed_text(prompts).view(10, len(avmnist.DIGIT_TEMPLATES), -1).mean(1)
     scores = model.embed_audio(clips) @ torch.nn.functional.normalize(text, dim=-1).T
     assert len(clips) == 1000
-    assert saved["zero_shot_top1"] == (scores.argmax(1) == labels).float().mean().item()
+    hits = (scores.argmax(1) == labels).float()
+    assert saved["zero_shot_top1"] == hits.mean().item()
+    # Its 95% interval: the item bootstrap of those hits, near the binomial normal approximation.
+    lo, hi = saved["zero_shot_top1_ci"]
+    assert [lo, hi] == bootstrap_ci(hits) and lo <= saved["zero_shot_top1"] <= hi
+    p = saved["zero_shot_top1"]
+    assert abs((hi - lo) / (2 * 1.96 * (p * (1 - p) / 1000) ** 0.5) - 1) < 0.2
+    top5 = saved["zero_shot_top5_ci"]
+    assert top5[0] <= saved["zero_shot_top5"] <= top5[1]
+    assert saved["ci_method"] == "95% percentile bootstrap over items, 2000 resamples, seed 0"
     assert saved["data_train_clips"] + saved["data_test_clips"] == 3000
     assert (run / "config.yaml").is_file() and latest_checkpoint(run).name == "step_00000003"
     assert metrics["run_dir"] == str(run)

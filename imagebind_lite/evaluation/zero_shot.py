@@ -28,26 +28,46 @@ def class_text_embeddings(
     return F.normalize(emb, dim=-1)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
-    """Share of rows whose label is among the k highest scores, for each k (capped at #classes)."""
+def topk_hits(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, torch.Tensor]:
+    """Per row, whether its label is among the k highest scores (k capped at #classes):
+    ``{"top1": bool [N], ...}``, the items behind :func:`topk_accuracy` and its intervals."""
     if scores.shape[0] != labels.shape[0]:
         raise ValueError(f"{scores.shape[0]} score rows but {labels.shape[0]} labels")
-    out = {}
     ranked = scores.argsort(dim=1, descending=True)
-    for k in ks:
-        hits = (ranked[:, : min(k, scores.shape[1])] == labels[:, None]).any(dim=1)
-        out[f"top{k}"] = float(hits.float().mean()) if len(labels) else float("nan")
-    return out
+    return {
+        f"top{k}": (ranked[:, : min(k, scores.shape[1])] == labels[:, None]).any(dim=1) for k in ks
+    }
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
+    """Share of rows whose label is among the k highest scores, for each k (capped at #classes)."""
+    hits = topk_hits(scores, labels, ks)
+    return {
+        name: float(hit.float().mean()) if len(labels) else float("nan")
+        for name, hit in hits.items()
+    }
 
 
 def retrieval_metrics(
     similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10), positives: torch.Tensor | None = None
 ) -> dict:
-    """Query->gallery retrieval: R@K and median rank (1-based).
+    """Query->gallery retrieval: R@K and median rank (1-based), from :func:`retrieval_ranks`."""
+    ranks = retrieval_ranks(similarity, positives)
+    out = {f"R@{k}": float((ranks <= k).float().mean()) for k in ks}
+    out["median_rank"] = float(ranks.float().median())
+    return out
+
+
+def retrieval_ranks(
+    similarity: torch.Tensor, positives: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each query's rank (1-based) of its best positive in the gallery.
 
     ``similarity`` is [queries, gallery]. ``positives`` is a boolean matrix of the same shape
     marking every correct gallery item (several captions per item); by default item i matches
-    gallery item i. A query's rank is the best rank among its positives.
+    gallery item i.
     """
     if positives is None:
         if similarity.shape[0] != similarity.shape[1]:
@@ -57,10 +77,7 @@ def retrieval_metrics(
         raise ValueError("every query needs at least one positive in the gallery")
     order = similarity.argsort(dim=1, descending=True)
     hit_at = positives.gather(1, order)  # [Q, G], True where the ranked item is a positive
-    ranks = hit_at.float().argmax(dim=1) + 1
-    out = {f"R@{k}": float((ranks <= k).float().mean()) for k in ks}
-    out["median_rank"] = float(ranks.float().median())
-    return out
+    return hit_at.float().argmax(dim=1) + 1
 
 
 @torch.no_grad()
@@ -84,12 +101,15 @@ def embed_dataset(
 def zero_shot_classification(
     embeddings: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor
 ) -> dict:
+    """Top-1/top-5 by nearest class embedding, with the per-item hits (``"hits"``) and the
+    predictions behind them."""
     scores = F.normalize(embeddings.float(), dim=-1) @ class_embeddings.float().T
-    acc = topk_accuracy(scores, labels, (1, 5))
+    hits = topk_hits(scores, labels, (1, 5))
     return {
-        "zero_shot_top1": acc["top1"],
-        "zero_shot_top5": acc["top5"],
+        "zero_shot_top1": float(hits["top1"].float().mean()),
+        "zero_shot_top5": float(hits["top5"].float().mean()),
         "predictions": scores.argmax(dim=1),
+        "hits": hits,
     }
 
 
