@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,6 +52,19 @@ def fork_python(args, timeout=600, new_session=False, **env) -> subprocess.Compl
     a fork of a process that has the heavy libraries imported. Where the separate interpreter
     is what a test is about (imports, start-up, ``-m``, a launcher), use ``run_python``."""
     return run_script(args, cwd=REPO, env={**ENV, **env}, timeout=timeout, new_session=new_session)
+
+
+def small_avmnist(root: Path, takes: int) -> Path:
+    """The default dataset made small in ``root``: FSDD clips of jackson, nicolas and theo
+    (``takes`` per digit each) and the digit images."""
+    (root / "audio").mkdir(parents=True)
+    for speaker in ("jackson", "nicolas", "theo"):
+        for digit in range(10):
+            for take in range(takes):
+                name = f"{digit}_{speaker}_{take}.flac"
+                shutil.copy(FSDD / name, root / "audio" / name)
+    shutil.copy(FSDD.parent / "digits.csv.gz", root / "digits.csv.gz")
+    return root
 
 
 def free_port() -> int:

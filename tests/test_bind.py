@@ -4,14 +4,21 @@ then --resume, and the bad inputs refused in one line before training."""
 
 import importlib.util
 import json
-import shutil
 import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FSDD, REPO, fork_python, free_port, killed_after_checkpoint, run_python
+from conftest import (
+    FSDD,
+    REPO,
+    fork_python,
+    free_port,
+    killed_after_checkpoint,
+    run_python,
+    small_avmnist,
+)
 from PIL import Image
 from safetensors.torch import load_file
 from test_pen import TES, raw_lines
@@ -68,16 +75,7 @@ run = fork_python  # train/bind.py and the killed run: forked warm (conftest.run
 def small_fsdd(tmp_path_factory):
     """Overrides for FSDD made small: 3 speakers x 10 digits x 4 takes, theo held out (two
     batches of 32 per epoch), for the tests that compare runs with each other, not scores."""
-    from imagebind_lite.anchor import ASSETS
-
-    root = tmp_path_factory.mktemp("fsdd")
-    (root / "audio").mkdir()
-    for speaker in ("jackson", "nicolas", "theo"):
-        for digit in range(10):
-            for take in range(4):
-                name = f"{digit}_{speaker}_{take}.flac"
-                shutil.copy(ASSETS / "avmnist" / "audio" / name, root / "audio" / name)
-    shutil.copy(ASSETS / "avmnist" / "digits.csv.gz", root / "digits.csv.gz")
+    root = small_avmnist(tmp_path_factory.mktemp("fsdd"), takes=4)
     return [
         f"modalities.audio.data.root={root}",
         "modalities.audio.data.options.test_speakers=[theo]",

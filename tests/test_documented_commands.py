@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TEST_DATA, free_port, run_script
+from conftest import REPO, TEST_DATA, free_port, run_script, small_avmnist
 from PIL import Image
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -518,17 +518,7 @@ def train_in(base: Path, command: str) -> Path:
 @pytest.fixture(scope="session")
 def avmnist(tmp_path_factory):
     """FSDD clips of three speakers (2 per digit) and the digit images: the default dataset, small."""
-    from imagebind_lite.anchor import ASSETS
-
-    root = tmp_path_factory.mktemp("avmnist")
-    (root / "audio").mkdir()
-    for speaker in ("jackson", "nicolas", "theo"):
-        for digit in range(10):
-            for take in range(2):
-                name = f"{digit}_{speaker}_{take}.flac"
-                shutil.copy(ASSETS / "avmnist" / "audio" / name, root / "audio" / name)
-    shutil.copy(ASSETS / "avmnist" / "digits.csv.gz", root / "digits.csv.gz")
-    return root
+    return small_avmnist(tmp_path_factory.mktemp("avmnist"), takes=2)
 
 
 def _audio_run(tmp_path_factory, avmnist, extra=""):
